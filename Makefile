@@ -1,0 +1,64 @@
+# Thin aliases over `python -m pipeline …` / `python -m serving …`.
+# The first target run creates .venv and installs the project with its dev tools; the stamp file
+# re-installs whenever pyproject.toml changes. Nothing needs to be installed by hand.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= pipeline.toml
+ARGS   ?=
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: help venv data ingest tune train evaluate export run test test-fast lint bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)  ## create the virtual environment
+
+data/digits: | $(STAMP)
+	$(PY) -m pipeline sample-data --dataset digits --out data/digits
+
+data: data/digits  ## write the bundled digits dataset as PNG class folders (offline)
+
+ingest: data/digits $(STAMP)  ## source → shards + stats + schema (data gate)
+	$(PY) -m pipeline ingest --config $(CONFIG) $(ARGS)
+
+tune: $(STAMP)  ## keras-tuner search on the newest run
+	$(PY) -m pipeline tune --config $(CONFIG) $(ARGS)
+
+train: data/digits $(STAMP)  ## ingest → tune → train → evaluate
+	$(PY) -m pipeline run --stages ingest,tune,train,evaluate --config $(CONFIG) $(ARGS)
+
+evaluate: $(STAMP)  ## metrics, report and plots for the newest run
+	$(PY) -m pipeline evaluate --config $(CONFIG) $(ARGS)
+
+export: $(STAMP)  ## publish the newest run's model as models/NAME/VERSION
+	$(PY) -m pipeline export --config $(CONFIG) $(ARGS)
+
+run: data/digits $(STAMP)  ## every stage, ingest to export
+	$(PY) -m pipeline run --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)  ## the whole test suite
+	$(PY) -m pytest
+
+test-fast: $(STAMP)  ## tests without the slow and end-to-end ones
+	$(PY) -m pytest -m 'not slow and not e2e'
+
+lint: $(STAMP)  ## ruff + mypy
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy pipeline serving bench
+
+bench: $(STAMP)  ## benchmarks; results in bench/RESULTS.md
+	$(PY) bench/run.py
+
+clean:  ## remove artifacts and caches (keeps models/ and the venv)
+	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache

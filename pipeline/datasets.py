@@ -1,0 +1,207 @@
+"""tf.data readers over a run's shards, and the data spec every later stage shares.
+
+Records are parsed in batches (``tf.io.parse_example`` on a batch is much cheaper than one call
+per record), cached in memory when the split fits, shuffled with a fixed seed and prefetched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import artifacts as A
+from pipeline.artifacts import PipelineError
+
+CACHE_LIMIT_BYTES = 2 << 30  # cache a split in memory when its parsed tensors fit in 2 GiB
+_PARSE_BATCH = 512
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the model sees: task, classes, features (schema entries) and train-split stats."""
+
+    run_dir: Path
+    task: str
+    label: str
+    classes: tuple[str, ...]
+    features: dict[str, dict[str, Any]]
+    train_stats: dict[str, Any]
+    examples: dict[str, int]
+    compression: str
+
+    @property
+    def is_image(self) -> bool:
+        return any(e["kind"] == "image" for e in self.features.values())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        for entry in self.features.values():
+            if entry["kind"] == "image":
+                h, w, c = entry["shape"]
+                return int(h), int(w), int(c)
+        raise PipelineError("this dataset has no image feature")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def input_name(self, feature: str) -> str:
+        return input_name(feature)
+
+
+def input_name(feature: str) -> str:
+    """A signature-safe input name for a feature (letters, digits and underscores)."""
+    name = re.sub(r"[^0-9A-Za-z_]", "_", feature).strip("_") or "feature"
+    return name if name[0].isalpha() else f"f_{name}"
+
+
+def load_spec(run_dir: Path) -> DataSpec:
+    """Read the spec of an ingested run (schema, labels, statistics)."""
+    schema = A.read_json(A.require(run_dir / A.SCHEMA, "ingest"))
+    stats = A.read_json(A.require(run_dir / A.STATS, "ingest"))
+    ingest = A.read_json(A.require(run_dir / "ingest.json", "ingest"))
+    classes: tuple[str, ...] = ()
+    if schema["task"] != "regression":
+        classes = tuple(A.require(run_dir / A.LABELS, "ingest").read_text().split("\n")[:-1])
+    features = {
+        name: entry
+        for name, entry in schema["features"].items()
+        if name in stats["train"]["features"]
+    }
+    names = [input_name(n) for n in features]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise PipelineError(f"features map to the same input name {clashes}; rename the columns")
+    return DataSpec(
+        run_dir=run_dir,
+        task=schema["task"],
+        label=schema["label"]["name"],
+        classes=classes,
+        features=features,
+        train_stats=stats["train"]["features"],
+        examples=ingest["examples"],
+        compression=ingest["config"]["data"]["compression"],
+    )
+
+
+def feature_spec(spec: DataSpec, with_label: bool = True) -> dict[str, Any]:
+    """``tf.io.parse_example`` spec; missing numbers take the train-split mean."""
+    out: dict[str, Any] = {}
+    for name, entry in spec.features.items():
+        kind = entry["kind"]
+        if kind == "float":
+            mean = spec.train_stats[name]["mean"]
+            out[name] = tf.io.FixedLenFeature([], tf.float32, default_value=float(mean or 0.0))
+        elif kind == "vector":
+            out[name] = tf.io.FixedLenFeature([entry["length"]], tf.float32)
+        elif kind == "string":
+            out[name] = tf.io.FixedLenFeature([], tf.string, default_value="")
+        else:
+            out[name] = tf.io.FixedLenFeature([], tf.string)
+    if with_label:
+        dtype = tf.float32 if spec.task == "regression" else tf.string
+        out[spec.label] = tf.io.FixedLenFeature([], dtype)
+    return out
+
+
+def decode_features(spec: DataSpec, parsed: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Parsed features → the model's inputs (keyed by input name)."""
+    out = {}
+    for name, entry in spec.features.items():
+        value = parsed[name]
+        if entry["kind"] == "image":
+            h, w, c = entry["shape"]
+            value = tf.reshape(tf.io.decode_raw(value, tf.uint8), [-1, h, w, c])
+            value = tf.cast(value, tf.float32)
+        out[input_name(name)] = value
+    return out
+
+
+def label_ids(spec: DataSpec, labels: tf.Tensor) -> tf.Tensor:
+    if spec.task == "regression":
+        return labels
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(spec.classes), tf.range(len(spec.classes), dtype=tf.int64)
+        ),
+        default_value=-1,
+    )
+    ids = table.lookup(labels)
+    if spec.task == "binary":
+        return tf.cast(ids, tf.float32)
+    return ids
+
+
+def shard_files(spec: DataSpec, split: str) -> list[str]:
+    files = sorted(str(p) for p in (spec.run_dir / A.SHARDS).glob(f"{split}-*"))
+    if not files:
+        raise PipelineError(f"{spec.run_dir / A.SHARDS}: no {split} shards")
+    return files
+
+
+def _example_bytes(spec: DataSpec) -> int:
+    total = 0
+    for entry in spec.features.values():
+        if entry["kind"] == "image":
+            total += int(np.prod(entry["shape"])) * 4
+        elif entry["kind"] == "vector":
+            total += entry["length"] * 4
+        else:
+            total += 16
+    return total + 8
+
+
+def make_dataset(
+    spec: DataSpec,
+    split: str,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    cache: bool = True,
+    shuffle_buffer: int = 10000,
+    fold: tuple[int, int, bool] | None = None,
+) -> tf.data.Dataset:
+    """Batches of ``(inputs, label)`` from one split (or several, joined by ``+``).
+
+    Args:
+        fold: ``(k, i, keep)``: keep (True) or drop (False) every example whose position
+            modulo ``k`` is ``i`` (k-fold cross-validation).
+    """
+    files = [f for s in split.split("+") for f in shard_files(spec, s)]
+    compression = "" if spec.compression == "NONE" else "GZIP"
+    ds = tf.data.TFRecordDataset(files, compression_type=compression)
+    if fold is not None:
+        k, i, keep = fold
+        ds = ds.enumerate().filter(lambda n, _: tf.equal(n % k, i) == keep).map(lambda _, r: r)
+    fspec = feature_spec(spec)
+
+    def parse(records: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        parsed = tf.io.parse_example(records, fspec)
+        return decode_features(spec, parsed), label_ids(spec, parsed[spec.label])
+
+    ds = ds.batch(_PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    count = sum(spec.examples.get(s, 0) for s in split.split("+"))
+    if cache and count * _example_bytes(spec) < CACHE_LIMIT_BYTES:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(min(shuffle_buffer, max(count, 1)), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def to_numpy(ds: tf.data.Dataset) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Materialize a (small) dataset: for evaluation and export checks."""
+    xs: dict[str, list[np.ndarray]] = {}
+    ys: list[np.ndarray] = []
+    for x, y in ds.as_numpy_iterator():
+        for k, v in x.items():
+            xs.setdefault(k, []).append(v)
+        ys.append(y)
+    if not ys:
+        raise PipelineError("the split is empty")
+    return {k: np.concatenate(v) for k, v in xs.items()}, np.concatenate(ys)

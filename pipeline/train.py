@@ -1,0 +1,135 @@
+"""Train the final model from the best hyperparameters (or the documented defaults).
+
+BackupAndRestore keeps an epoch-level backup in ``RUN/checkpoints/`` so a killed training resumes
+where it stopped when rerun; EarlyStopping restores the best weights; TensorBoard logs go to
+``RUN/tensorboard/``. With ``train.kfold = k`` a k-fold cross-validation over train+val reports
+the mean and spread of the validation metric (the final model is still trained on train).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+import numpy as np
+
+from pipeline import artifacts as A
+from pipeline.config import Config
+from pipeline.datasets import DataSpec, load_spec, make_dataset
+from pipeline.models import build_model, compile_model, model_kind, unfreeze_top
+
+log = logging.getLogger(__name__)
+
+
+def load_hparams(run_dir: Path) -> tuple[kt.HyperParameters, str]:
+    """The tuned hyperparameters, or an empty set (every ``hp.*`` call returns its default)."""
+    path = run_dir / A.HPARAMS
+    if path.exists():
+        return kt.HyperParameters.from_config(A.read_json(path)), "tuned"
+    return kt.HyperParameters(), "defaults (tuning skipped)"
+
+
+def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
+    """Train, save ``model.keras`` and ``history.json``; return the model's path."""
+    run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+    spec = load_spec(run_dir)
+    hp, origin = load_hparams(run_dir)
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = build_model(hp, spec, cfg)
+    log.info("training %s with %s hyperparameters %s", model.name, origin, hp.values)
+    batch = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
+    train_ds = make_dataset(
+        spec, "train", shuffle=True, seed=cfg.train.seed,
+        shuffle_buffer=cfg.train.shuffle_buffer, **batch,
+    )
+    val_ds = make_dataset(spec, "val", **batch)
+    verbose = 1 if sys.stderr.isatty() else 2
+    backup = run_dir / A.CHECKPOINTS / "backup"
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(backup)),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=cfg.train.patience, restore_best_weights=True
+        ),
+        keras.callbacks.TensorBoard(str(run_dir / A.TENSORBOARD)),
+        *(extra_callbacks or []),
+    ]
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
+        callbacks=callbacks, verbose=verbose,
+    ).history
+    if model_kind(spec, cfg.model) == "finetune" and cfg.model.fine_tune_epochs:
+        history = _fine_tune(model, hp, spec, cfg, train_ds, val_ds, history, run_dir, verbose)
+
+    out = run_dir / A.MODEL
+    tmp = run_dir / f".{A.MODEL}.tmp.keras"
+    model.save(tmp)
+    tmp.replace(out)
+    A.write_json(run_dir / A.HISTORY, {k: [float(v) for v in vs] for k, vs in history.items()})
+    A.write_json(run_dir / "train.json", {"hyperparameters": hp.values, "origin": origin})
+    if cfg.train.kfold:
+        A.write_json(run_dir / "kfold.json", cross_validate(cfg, spec, hp))
+    shutil.rmtree(run_dir / A.CHECKPOINTS, ignore_errors=True)
+    last = {k: round(v[-1], 4) for k, v in history.items()}
+    print(f"train: {out} epochs={len(next(iter(history.values()), []))} {last}")
+    return out
+
+
+def _fine_tune(
+    model: keras.Model,
+    hp: kt.HyperParameters,
+    spec: DataSpec,
+    cfg: Config,
+    train_ds: Any,
+    val_ds: Any,
+    history: dict[str, list[float]],
+    run_dir: Path,
+    verbose: int,
+) -> dict[str, list[float]]:
+    """Phase two: unfreeze the base's top layers and continue at a lower learning rate."""
+    layers = unfreeze_top(model, cfg.model.fine_tune_layers)
+    lr = hp.get("learning_rate") if "learning_rate" in hp.values else 2e-3
+    compile_model(model, spec, lr * cfg.model.fine_tune_lr_factor)
+    log.info("fine-tuning the top %d layers at lr=%g", layers, lr * cfg.model.fine_tune_lr_factor)
+    start = len(next(iter(history.values()), []))
+    more = model.fit(
+        train_ds, validation_data=val_ds, initial_epoch=start,
+        epochs=start + cfg.model.fine_tune_epochs, verbose=verbose,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(str(run_dir / A.CHECKPOINTS / "finetune")),
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=cfg.train.patience, restore_best_weights=True
+            ),
+        ],
+    ).history
+    return {k: list(history.get(k, [])) + list(more.get(k, [])) for k in set(history) | set(more)}
+
+
+def cross_validate(cfg: Config, spec: DataSpec, hp: kt.HyperParameters) -> dict[str, Any]:
+    """k-fold cross-validation over train+val; the metric's mean and standard deviation."""
+    k = cfg.train.kfold
+    metric = "val_loss" if spec.task == "regression" else "val_accuracy"
+    scores = []
+    for fold in range(k):
+        keras.utils.set_random_seed(cfg.train.seed + fold)
+        model = build_model(hp, spec, cfg)
+        common = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
+        fit_ds = make_dataset(spec, "train+val", shuffle=True, seed=cfg.train.seed,
+                              fold=(k, fold, False), **common)
+        held = make_dataset(spec, "train+val", fold=(k, fold, True), **common)
+        hist = model.fit(
+            fit_ds, validation_data=held, epochs=cfg.train.epochs, verbose=0,
+            callbacks=[keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=cfg.train.patience, restore_best_weights=True)],
+        ).history
+        best = int(np.argmin(hist["val_loss"]))
+        scores.append(float(hist[metric][best]))
+        log.info("fold %d/%d: %s=%.4f", fold + 1, k, metric, scores[-1])
+    result = {"k": k, "metric": metric, "scores": scores,
+              "mean": float(np.mean(scores)), "std": float(np.std(scores))}
+    print(f"train: {k}-fold {metric} = {result['mean']:.4f} ± {result['std']:.4f}")
+    return result

@@ -1,0 +1,182 @@
+"""Hyperparameter search with keras-tuner (Hyperband by default).
+
+The search lives in ``RUN/tuner/`` and is resumed by a rerun (``overwrite=False``). Its budget is
+``tune.max_trials`` trials of at most ``tune.max_epochs`` epochs and ``tune.time_limit_s``
+seconds of wall clock: once the clock runs out the current trial stops at the end of its epoch
+and no new trial starts. A trial that raises is recorded as failed and the search goes on until
+``tune.max_failed_trials`` fail in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+
+from pipeline import artifacts as A
+from pipeline.artifacts import PipelineError
+from pipeline.config import Config
+from pipeline.datasets import DataSpec, load_spec, make_dataset
+from pipeline.models import build_model
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS: dict[str, type[kt.Tuner]] = {
+    "hyperband": kt.Hyperband,
+    "random": kt.RandomSearch,
+    "bayesian": kt.BayesianOptimization,
+}
+
+
+class DeadlineCallback(keras.callbacks.Callback):
+    """Stop training at the end of the epoch in which ``deadline`` (monotonic) has passed."""
+
+    def __init__(self, deadline: float):
+        super().__init__()
+        self.deadline = deadline
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if time.monotonic() >= self.deadline:
+            self.model.stop_training = True
+
+
+def objective_for(cfg: Config, spec: DataSpec) -> kt.Objective:
+    name = cfg.tune.objective or ("val_loss" if spec.task == "regression" else "val_accuracy")
+    direction = "min" if "loss" in name or "error" in name or name.endswith(("mae", "rmse")) else "max"
+    return kt.Objective(name, direction)
+
+
+def make_tuner(cfg: Config, spec: DataSpec, directory: Path, deadline: float) -> kt.Tuner:
+    """The configured tuner, resuming any search already in ``directory``."""
+    base = ALGORITHMS[cfg.tune.algorithm]
+
+    class BudgetedTuner(base):  # type: ignore[valid-type,misc]
+        def pre_create_trial(self) -> None:
+            # The oracle stops handing out trials once len(trials) >= max_trials.
+            if time.monotonic() >= deadline:
+                self.oracle.max_trials = max(len(self.oracle.trials), 1)
+            super().pre_create_trial()
+
+        def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().run_trial(trial, *args, **kwargs)
+            except kt.errors.FatalError:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded as a failed trial, search goes on
+                log.warning("trial %s failed: %s", trial.trial_id, e)
+                raise kt.errors.FailedTrialError(f"{type(e).__name__}: {e}") from e
+
+    kwargs: dict[str, Any] = dict(
+        hypermodel=lambda hp: build_model(hp, spec, cfg),
+        objective=objective_for(cfg, spec),
+        directory=str(directory),
+        project_name=cfg.model.name,
+        overwrite=False,
+        seed=cfg.train.seed,
+        max_consecutive_failed_trials=cfg.tune.max_failed_trials,
+    )
+    if cfg.tune.algorithm == "hyperband":
+        kwargs.update(max_epochs=cfg.tune.max_epochs, factor=3, hyperband_iterations=1)
+    else:
+        kwargs.update(max_trials=cfg.tune.max_trials)
+    tuner = BudgetedTuner(**kwargs)
+    # A resumed oracle keeps its saved state; the budget is this config's.
+    tuner.oracle.max_trials = cfg.tune.max_trials
+    return tuner
+
+
+def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
+    """Run (or resume) the search and write ``hparams.json`` and ``tuning.json``.
+
+    Returns:
+        The path of ``hparams.json``.
+
+    Raises:
+        PipelineError: too many trials failed in a row, or none completed.
+    """
+    run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+    spec = load_spec(run_dir)
+    keras.utils.set_random_seed(cfg.train.seed)
+    start = time.monotonic()
+    deadline = start + cfg.tune.time_limit_s
+    batch = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
+    train_ds = make_dataset(spec, "train", shuffle=True, seed=cfg.train.seed, **batch)
+    val_ds = make_dataset(spec, "val", **batch)
+    tuner = make_tuner(cfg, spec, run_dir / A.TUNER, deadline)
+    objective = tuner.oracle.objective.name
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor=objective, patience=cfg.tune.patience),
+        DeadlineCallback(deadline),
+        *(extra_callbacks or []),
+    ]
+    log.info(
+        "tuning with %s: up to %d trials, %d epochs each, %.0f s",
+        cfg.tune.algorithm, cfg.tune.max_trials, cfg.tune.max_epochs, cfg.tune.time_limit_s,
+    )
+    try:
+        tuner.search(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.tune.max_epochs,
+            callbacks=callbacks,
+            verbose=1 if sys.stderr.isatty() else 0,
+        )
+    except RuntimeError as e:
+        if "consecutive failures" in str(e):
+            raise PipelineError(
+                f"tuning stopped: {cfg.tune.max_failed_trials} trials failed in a row "
+                f"(tune.max_failed_trials); first lines of the last error:\n"
+                + "\n".join(str(e).splitlines()[:3])
+            ) from e
+        raise
+    trials = summarize(tuner)
+    completed = [t for t in trials if t["status"] == "COMPLETED" and t["score"] is not None]
+    if not completed:
+        raise PipelineError(
+            f"tuning finished with no completed trial ({len(trials)} trials); see {run_dir / A.TUNER}"
+        )
+    best = tuner.get_best_hyperparameters(1)[0]
+    path = run_dir / A.HPARAMS
+    A.write_json(path, best.get_config())
+    A.write_json(
+        run_dir / A.TUNER_SUMMARY,
+        {
+            "algorithm": cfg.tune.algorithm,
+            "objective": {"name": objective, "direction": tuner.oracle.objective.direction},
+            "seconds": round(time.monotonic() - start, 1),
+            "best": best.values,
+            "trials": trials,
+        },
+    )
+    print_summary(trials, objective, best.values)
+    return path
+
+
+def summarize(tuner: kt.Tuner) -> list[dict[str, Any]]:
+    out = []
+    for trial in tuner.oracle.trials.values():
+        out.append(
+            {
+                "trial_id": trial.trial_id,
+                "status": trial.status,
+                "score": None if trial.score is None else float(trial.score),
+                "hyperparameters": trial.hyperparameters.values,
+                "error": (trial.message or "").strip().splitlines()[-1:] or None,
+            }
+        )
+    return sorted(out, key=lambda t: t["trial_id"])
+
+
+def print_summary(trials: list[dict[str, Any]], objective: str, best: dict[str, Any]) -> None:
+    done = [t for t in trials if t["score"] is not None]
+    failed = [t for t in trials if t["status"] in ("FAILED", "INVALID")]
+    print(f"tune: {len(trials)} trials, {len(done)} scored, {len(failed)} failed")
+    ranked = sorted(done, key=lambda t: t["score"], reverse="loss" not in objective)
+    for t in ranked[:5]:
+        print(f"  trial {t['trial_id']}: {objective}={t['score']:.4f} {t['hyperparameters']}")
+    print(f"tune: best {best}")
