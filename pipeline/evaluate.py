@@ -1,0 +1,260 @@
+"""Evaluate the trained model on the held-out test split.
+
+Classification: loss, accuracy, per-class precision/recall/F1, confusion matrix, ROC-AUC, and for
+a binary task a decision threshold chosen for ``evaluate.target_precision`` (or
+``target_recall``) from the precision/recall curve. Regression: MAE, RMSE, R². Every task: an
+over/under-fitting diagnosis from the learning curves. Writes ``metrics.json``, ``report.md`` and
+PNG plots into the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import artifacts as A
+from pipeline.config import Config
+from pipeline.datasets import DataSpec, load_spec, make_dataset, to_numpy
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: Config) -> dict[str, Any]:
+    """Compute and write the test metrics; return them."""
+    import keras
+
+    run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+    spec = load_spec(run_dir)
+    model = keras.models.load_model(A.require(run_dir / A.MODEL, "train"))
+    x, y = to_numpy(make_dataset(spec, "test", batch_size=256, cache=False))
+    results = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
+    raw = np.asarray(model.predict(x, batch_size=256, verbose=0))
+    history = A.read_json(run_dir / A.HISTORY) if (run_dir / A.HISTORY).exists() else {}
+
+    metrics: dict[str, Any] = {"task": spec.task, "examples": int(len(y)),
+                               "loss": float(results["loss"])}
+    if spec.task == "regression":
+        metrics.update(regression_metrics(y, raw.reshape(-1)))
+    elif spec.task == "binary":
+        metrics.update(binary_metrics(y.astype(int), raw.reshape(-1), spec, cfg))
+    else:
+        metrics.update(multiclass_metrics(y.astype(int), raw, spec))
+    metrics["diagnosis"] = diagnose(history, spec)
+    plots = make_plots(run_dir, spec, history, metrics, y, raw)
+    A.write_json(run_dir / A.METRICS, metrics)
+    A.atomic_write_text(run_dir / A.REPORT, render_report(cfg, spec, metrics, plots))
+    headline = {k: round(metrics[k], 4) for k in ("accuracy", "auc", "rmse", "mae", "r2")
+                if k in metrics and metrics[k] is not None}
+    print(f"evaluate: {run_dir / A.METRICS} {headline} diagnosis={metrics['diagnosis']['verdict']}")
+    return metrics
+
+
+def multiclass_metrics(y: np.ndarray, probs: np.ndarray, spec: DataSpec) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    pred = probs.argmax(axis=1)
+    labels = list(range(spec.num_classes))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    auc = None
+    if len(np.unique(y)) == spec.num_classes:
+        auc = float(roc_auc_score(y, probs, multi_class="ovr", labels=labels))
+    return {
+        "accuracy": float((pred == y).mean()),
+        "auc": auc,
+        "per_class": _per_class(spec.classes, p, r, f, s),
+        "macro_f1": float(np.mean(f)),
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "classes": list(spec.classes),
+    }
+
+
+def binary_metrics(y: np.ndarray, score: np.ndarray, spec: DataSpec, cfg: Config) -> dict[str, Any]:
+    from sklearn.metrics import (
+        confusion_matrix,
+        precision_recall_curve,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    threshold, chosen_by = choose_threshold(
+        y, score, cfg.evaluate.target_precision, cfg.evaluate.target_recall
+    )
+    pred = (score >= threshold).astype(int)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
+    precision, recall, _ = precision_recall_curve(y, score) if len(np.unique(y)) > 1 else ([], [], [])
+    return {
+        "accuracy": float((pred == y).mean()),
+        "auc": float(roc_auc_score(y, score)) if len(np.unique(y)) > 1 else None,
+        "threshold": threshold,
+        "threshold_chosen_by": chosen_by,
+        "precision": float(p[1]),
+        "recall": float(r[1]),
+        "f1": float(f[1]),
+        "per_class": _per_class(spec.classes, p, r, f, s),
+        "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
+        "classes": list(spec.classes),
+        "pr_curve": {"precision": [float(v) for v in precision],
+                     "recall": [float(v) for v in recall]},
+    }
+
+
+def choose_threshold(
+    y: np.ndarray, score: np.ndarray, target_precision: float, target_recall: float
+) -> tuple[float, str]:
+    """The decision threshold for a target precision (highest recall that reaches it) or a
+    target recall (highest precision that keeps it); 0.5 when neither is set or reachable."""
+    from sklearn.metrics import precision_recall_curve
+
+    if not (target_precision or target_recall) or len(np.unique(y)) < 2:
+        return 0.5, "default"
+    precision, recall, thresholds = precision_recall_curve(y, score)
+    # precision/recall have one more entry than thresholds (the end point recall=0).
+    precision, recall = precision[:-1], recall[:-1]
+    if target_precision:
+        ok = np.flatnonzero(precision >= target_precision)
+        if not ok.size:
+            return 0.5, f"default (precision {target_precision} unreachable)"
+        best = ok[np.argmax(recall[ok])]
+        return float(thresholds[best]), f"precision >= {target_precision}"
+    ok = np.flatnonzero(recall >= target_recall)
+    if not ok.size:  # pragma: no cover - recall 1.0 is always reachable at the lowest score
+        return 0.5, f"default (recall {target_recall} unreachable)"
+    best = ok[np.argmax(precision[ok])]
+    return float(thresholds[best]), f"recall >= {target_recall}"
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    err = pred - y
+    ss_res = float((err**2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else None,
+    }
+
+
+def _per_class(classes: Any, p: Any, r: Any, f: Any, s: Any) -> dict[str, dict[str, float]]:
+    return {
+        str(c): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                 "support": int(s[i])}
+        for i, c in enumerate(classes)
+    }
+
+
+def diagnose(history: dict[str, list[float]], spec: DataSpec) -> dict[str, Any]:
+    """Over/under-fitting from the learning curves (at the best validation epoch)."""
+    if not history.get("loss") or not history.get("val_loss"):
+        return {"verdict": "unknown", "reason": "no training history"}
+    val = np.asarray(history["val_loss"])
+    best = int(np.argmin(val))
+    train_loss, val_loss = float(history["loss"][best]), float(val[best])
+    gap = val_loss - train_loss
+    rising = len(val) - 1 - best  # epochs after the best in which validation got no better
+    out = {"best_epoch": best + 1, "train_loss": train_loss, "val_loss": val_loss, "gap": gap,
+           "epochs_after_best": rising}
+    key = "accuracy" if spec.task != "regression" else None
+    train_acc = float(history[key][best]) if key and key in history else None
+    if train_acc is not None and train_acc < 0.8:
+        out.update(verdict="underfitting",
+                   reason=f"train accuracy {train_acc:.3f} < 0.8: a bigger model or more epochs")
+    elif val_loss > 1.5 * train_loss + 0.05:
+        out.update(verdict="overfitting",
+                   reason=f"val loss {val_loss:.4f} well above train loss {train_loss:.4f}: "
+                          "more data, augmentation or regularization")
+    elif best == len(val) - 1 and len(val) > 1:
+        out.update(verdict="still improving",
+                   reason="validation loss was lowest at the last epoch: more epochs may help")
+    else:
+        out.update(verdict="good fit", reason="train and validation losses are close")
+    return out
+
+
+def make_plots(
+    run_dir: Path,
+    spec: DataSpec,
+    history: dict[str, list[float]],
+    metrics: dict[str, Any],
+    y: np.ndarray,
+    raw: np.ndarray,
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        tmp = run_dir / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(run_dir / name)
+        written.append(name)
+
+    if history.get("loss"):
+        keys = [k for k in history if not k.startswith("val_") and f"val_{k}" in history]
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            ax.plot(history[k], label="train")
+            ax.plot(history[f"val_{k}"], label="validation")
+            ax.set_title(k)
+            ax.set_xlabel("epoch")
+            ax.legend()
+        save(fig, "learning_curves.png")
+    if "confusion_matrix" in metrics:
+        cm = np.asarray(metrics["confusion_matrix"])
+        n = len(cm)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 1.0 + 0.5 * n))
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(n), metrics["classes"], rotation=90)
+        ax.set_yticks(range(n), metrics["classes"])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7)
+        save(fig, "confusion_matrix.png")
+    if spec.task == "binary" and metrics.get("pr_curve", {}).get("precision"):
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.plot(metrics["pr_curve"]["recall"], metrics["pr_curve"]["precision"])
+        ax.scatter([metrics["recall"]], [metrics["precision"]], color="red",
+                   label=f"threshold {metrics['threshold']:.3f}")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.legend()
+        save(fig, "pr_curve.png")
+    if spec.task == "regression":
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.scatter(y, raw.reshape(-1), s=6)
+        lo, hi = float(min(y.min(), raw.min())), float(max(y.max(), raw.max()))
+        ax.plot([lo, hi], [lo, hi], color="gray")
+        ax.set_xlabel("true")
+        ax.set_ylabel("predicted")
+        save(fig, "predictions.png")
+    return written
+
+
+def render_report(cfg: Config, spec: DataSpec, m: dict[str, Any], plots: list[str]) -> str:
+    lines = [f"# Evaluation report: {cfg.model.name}", "",
+             f"Run `{spec.run_dir.name}`, task **{spec.task}**, {m['examples']} test examples.", "",
+             "| metric | value |", "|---|---|"]
+    for key in ("loss", "accuracy", "auc", "macro_f1", "precision", "recall", "f1", "threshold",
+                "mae", "rmse", "r2"):
+        if m.get(key) is not None:
+            lines.append(f"| {key} | {m[key]:.4f} |")
+    if "threshold_chosen_by" in m:
+        lines += ["", f"Decision threshold chosen by: {m['threshold_chosen_by']}."]
+    if "per_class" in m:
+        lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for c, v in m["per_class"].items():
+            lines.append(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} "
+                         f"| {v['support']} |")
+    d = m["diagnosis"]
+    lines += ["", f"**Diagnosis: {d['verdict']}**: {d['reason']}.", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
