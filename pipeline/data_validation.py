@@ -35,11 +35,13 @@ class Anomaly:
         return f"[{level}] {self.kind} {self.feature}: {self.message}"
 
 
-def histogram_edges(profile: Profile, schema: dict[str, Any] | None) -> dict[str, list[float]]:
+def histogram_edges(
+    kinds: dict[str, str], profile: Profile, schema: dict[str, Any] | None
+) -> dict[str, list[float]]:
     """Histogram edges per numeric feature: the schema's, else from this data's range."""
     edges: dict[str, list[float]] = {}
     known = (schema or {}).get("features", {})
-    for name, kind in profile.kinds.items():
+    for name, kind in kinds.items():
         if kind in ("float", "vector"):
             if name in known and "edges" in known[name]:
                 edges[name] = known[name]["edges"]

@@ -128,6 +128,9 @@ class ServingModule(tf.Module):
     def __init__(self, model: Any, spec: DataSpec, threshold: float):
         super().__init__()
         self.model = model
+        # Keras keeps augmentation layers' seed-generator states outside the tracked object
+        # graph; the traced functions capture them, so they must be reachable from the root.
+        self.model_variables = list(model.variables)
         self.spec = spec
         self.threshold = tf.constant(threshold, tf.float32)
         self.class_names = tf.constant(list(spec.classes) or [""])

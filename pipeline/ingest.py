@@ -158,7 +158,7 @@ def ingest(cfg: Config) -> IngestResult:
     else:
         kinds = dict(profile.kinds)
     label_kind = "float" if cfg.model.task == "regression" else "string"
-    edges = histogram_edges(profile, schema)
+    edges = histogram_edges(kinds, profile, schema)
     vector_len = {
         n: e["length"] for n, e in (schema or {}).get("features", {}).items() if "length" in e
     }

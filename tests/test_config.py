@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def _load(tmp_path: Path, text: str, *overrides: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return load_config(path, overrides)
+
+
+def test_defaults_and_file_values(tmp_path):
+    cfg = _load(tmp_path, '[train]\nepochs = 3\n[data]\nimage_size = [16, 12]\n')
+    assert cfg.train.epochs == 3
+    assert cfg.data.image_size == (16, 12)
+    assert cfg.model.task == "multiclass"
+
+
+def test_overrides_are_typed_and_win(tmp_path):
+    cfg = _load(tmp_path, "[train]\nepochs = 3\n", "train.epochs=7", "model.name=flowers",
+                "data.split={train=0.8,val=0.1,test=0.1}")
+    assert cfg.train.epochs == 7
+    assert cfg.model.name == "flowers"
+    assert cfg.data.split["train"] == 0.8
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[train]\nepochs = -1\n", "train.epochs"),
+        ("[train]\nepoch = 3\n", "train.epoch"),
+        ("[train]\nepochs = 'ten'\n", "train.epochs"),
+        ("[train]\nbatch_size = 1.5\n", "train.batch_size"),
+        ("[data]\nsplit = {train = 0.5, val = 0.1, test = 0.1}\n", "data.split"),
+        ("[data]\nsplit = {train = 0.9, test = 0.1}\n", "data.split"),
+        ("[model]\ntask = 'clustering'\n", "model.task"),
+        ("[model]\nkind = 'finetune'\n", "model.base_model"),
+        ("[validation]\nblocking = ['typo']\n", "validation.blocking"),
+        ("[export]\nwarmup_records = 5000\n", "export.warmup_records"),
+        ("[data]\nchannels = 2\n", "data.channels"),
+        ("[data]\nimage_size = [8]\n", "data.image_size"),
+        ("[tune]\nenabled = 'yes'\n", "tune.enabled"),
+        ("bogus = 1\n", "bogus"),
+        ("[evaluate]\ntarget_precision = 0.9\ntarget_recall = 0.9\n", "evaluate"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _load(tmp_path, text)
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="c.toml"):
+        _load(tmp_path, "[train\n")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        _load(tmp_path, "", "train.epochs")
+
+
+def test_config_is_frozen(tmp_path):
+    cfg = _load(tmp_path, "")
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_repository_default_config_is_valid():
+    cfg = load_config(Path(__file__).parent.parent / "pipeline.toml")
+    assert cfg.data.source == "data/digits"
