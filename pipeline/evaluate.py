@@ -29,9 +29,10 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
     spec = load_spec(run_dir)
     model = keras.models.load_model(A.require(run_dir / A.MODEL, "train"))
-    x, y = to_numpy(make_dataset(spec, "test", batch_size=256, cache=False))
-    results = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
-    raw = np.asarray(model.predict(x, batch_size=256, verbose=0))
+    test_ds = make_dataset(spec, "test", batch_size=256, cache=False)
+    _, y = to_numpy(test_ds)
+    results = model.evaluate(test_ds, verbose=0, return_dict=True)
+    raw = np.asarray(model.predict(test_ds, verbose=0))
     history = A.read_json(run_dir / A.HISTORY) if (run_dir / A.HISTORY).exists() else {}
 
     metrics: dict[str, Any] = {"task": spec.task, "examples": int(len(y)),

@@ -250,7 +250,7 @@ def check_parity(out: Path, model: Any, x: dict[str, np.ndarray], cfg: Config) -
     reloaded = tf.saved_model.load(str(out))
     fn = reloaded.signatures["serving_default"]
     batch = {k: v[:256] for k, v in x.items()}
-    expected = np.asarray(model.predict(batch, verbose=0))
+    expected = np.asarray(model({k: tf.constant(v) for k, v in batch.items()}, training=False))
     got = fn(**{k: tf.constant(v) for k, v in batch.items()})
     key = "predictions" if "predictions" in got else "probabilities"
     actual = got[key].numpy()

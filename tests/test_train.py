@@ -1,0 +1,283 @@
+"""Models, tuning, training and evaluation on tiny seeded data."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+
+from pipeline import tune as tune_module
+from pipeline.artifacts import PipelineError
+from pipeline.datasets import load_spec, make_dataset
+from pipeline.evaluate import choose_threshold, evaluate, regression_metrics
+from pipeline.ingest import ingest
+from pipeline.models import build_model
+from pipeline.train import train
+from pipeline.tune import tune
+from tests.conftest import config, make_images, tabular_rows, write_csv
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("image")
+    root = make_images(tmp / "imgs", per_class=20, size=8)
+    cfg = config(tmp, f'data.source="{root}"')
+    ingest(cfg)
+    return tmp, cfg
+
+
+@pytest.fixture(scope="module")
+def csv_runs(tmp_path_factory):
+    out = {}
+    for task in ("binary", "regression"):
+        tmp = tmp_path_factory.mktemp(task)
+        path = write_csv(tmp / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(160, task=task))
+        cfg = config(tmp, f'data.source="{path}"', f"model.task={task}")
+        ingest(cfg)
+        out[task] = (tmp, cfg)
+    return out
+
+
+
+
+def _train_one_epoch(cfg, run_dir):
+    spec = load_spec(run_dir)
+    model = build_model(kt.HyperParameters(), spec, cfg)
+    ds = make_dataset(spec, "train", batch_size=8, shuffle=True)
+    hist = model.fit(ds, epochs=1, verbose=0).history
+    assert np.isfinite(hist["loss"][0])
+    return spec, model
+
+
+def _run_dir(cfg):
+    from pipeline.artifacts import resolve_run_dir
+
+    return resolve_run_dir(cfg.artifacts, cfg.run_id)
+
+
+def test_cnn_builds_and_trains(image_run):
+    _, cfg = image_run
+    spec, model = _train_one_epoch(cfg, _run_dir(cfg))
+    assert model.output_shape == (None, 2)
+    assert any(isinstance(l, keras.layers.Rescaling) for l in model.layers)
+
+
+def test_augmentation_layers_only_in_training(image_run):
+    _, cfg = image_run
+    from dataclasses import replace
+
+    aug = replace(cfg.model.augment, flip="horizontal", rotation=0.1, zoom=0.1, contrast=0.1)
+    cfg2 = replace(cfg, model=replace(cfg.model, augment=aug))
+    spec = load_spec(_run_dir(cfg))
+    model = build_model(kt.HyperParameters(), spec, cfg2)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 1)).astype("float32")
+    a = model({"image": x}, training=False).numpy()
+    b = model({"image": x}, training=False).numpy()
+    np.testing.assert_allclose(a, b)  # inference is deterministic: augmentation is off
+
+
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_mlp_builds_and_trains(csv_runs, task):
+    _, cfg = csv_runs[task]
+    spec, model = _train_one_epoch(cfg, _run_dir(cfg))
+    assert set(model.input) == {"x1", "x2", "color"}
+    # Preprocessing is inside the model: it takes raw values, strings included.
+    out = model({"x1": np.array([0.5]), "x2": np.array([-1.0]),
+                 "color": np.array(["red"])}).numpy()
+    assert out.shape == (1, 1)
+
+
+def test_vector_mlp(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 6))
+    np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 0).astype(int))
+    cfg = config(tmp_path, f'data.source="{tmp_path / "d.npz"}"')
+    ingest(cfg)
+    spec, model = _train_one_epoch(cfg, _run_dir(cfg))
+    assert model.output_shape == (None, 2)
+
+
+def test_finetune_from_keras_file(image_run, tmp_path):
+    tmp, cfg = image_run
+    spec = load_spec(_run_dir(cfg))
+    base = build_model(kt.HyperParameters(), spec, cfg)
+    base.save(tmp_path / "base.keras")
+    ft = config(tmp, "model.kind=finetune", f'model.base_model="{tmp_path / "base.keras"}"',
+                "model.fine_tune_epochs=1", f'artifacts="{cfg.artifacts}"')
+    model = build_model(kt.HyperParameters(), spec, ft)
+    frozen = next(l for l in model.layers if isinstance(l, keras.Model))
+    assert not frozen.trainable
+    path = train(ft)
+    history = json.loads((path.parent / "history.json").read_text())
+    assert len(history["loss"]) == ft.train.epochs + 1  # phase one + one fine-tuning epoch
+
+
+def test_finetune_keras_application_with_local_weights(tmp_path):
+    root = make_images(tmp_path / "imgs", per_class=8, size=32)
+    weights = tmp_path / "mobilenet.weights.h5"
+    keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg"
+    ).save_weights(weights)
+    cfg = config(tmp_path, f'data.source="{root}"', "data.image_size=[32,32]",
+                 "model.kind=finetune", "model.base_model=MobileNetV2",
+                 f'model.base_weights="{weights}"', "train.epochs=1",
+                 "model.fine_tune_epochs=1", "model.fine_tune_layers=5")
+    ingest(cfg)
+    path = train(cfg)
+    assert keras.models.load_model(path).output_shape == (None, 2)
+
+
+def test_finetune_errors(image_run):
+    tmp, cfg = image_run
+    spec = load_spec(_run_dir(cfg))
+    bad = config(tmp, "model.kind=finetune", "model.base_model=NoSuchNet")
+    with pytest.raises(PipelineError, match="keras.applications"):
+        build_model(kt.HyperParameters(), spec, bad)
+    missing = config(tmp, "model.kind=finetune", "model.base_model=MobileNetV2",
+                     'model.base_weights="/nonexistent.h5"')
+    with pytest.raises(PipelineError, match="does not exist"):
+        build_model(kt.HyperParameters(), spec, missing)
+
+
+def test_tuning_writes_hparams_and_resumes(tmp_path):
+    root = make_images(tmp_path / "imgs", per_class=12)
+    cfg = config(tmp_path, f'data.source="{root}"', "tune.algorithm=random", "tune.max_trials=2",
+                 "tune.max_epochs=1", "run_id=r")
+    ingest(cfg)
+    path = tune(cfg)
+    hp = kt.HyperParameters.from_config(json.loads(path.read_text()))
+    assert "learning_rate" in hp.values
+    first = json.loads((path.parent / "tuning.json").read_text())["trials"]
+    assert len(first) == 2
+    more = config(tmp_path, f'data.source="{root}"', "tune.algorithm=random", "tune.max_trials=3",
+                  "tune.max_epochs=1", "run_id=r")
+    tune(more)
+    trials = json.loads((path.parent / "tuning.json").read_text())["trials"]
+    assert len(trials) == 3  # the two finished trials were kept, one new trial ran
+    assert [t["score"] for t in trials[:2]] == [t["score"] for t in first]
+
+
+def test_hyperband_and_time_limit(tmp_path):
+    root = make_images(tmp_path / "imgs", per_class=10)
+    cfg = config(tmp_path, f'data.source="{root}"', "tune.max_trials=6", "tune.max_epochs=2",
+                 "tune.time_limit_s=0.001")
+    ingest(cfg)
+    path = tune(cfg)
+    trials = json.loads((path.parent / "tuning.json").read_text())["trials"]
+    assert len(trials) == 1  # the clock ran out during the first trial
+
+
+def test_failed_trials_are_recorded_then_stop(tmp_path, monkeypatch):
+    root = make_images(tmp_path / "imgs", per_class=10)
+    cfg = config(tmp_path, f'data.source="{root}"', "tune.algorithm=random", "tune.max_trials=4",
+                 "tune.max_epochs=1", "tune.max_failed_trials=2")
+    ingest(cfg)
+    real = tune_module.build_model
+    calls = {"n": 0}
+
+    def flaky(hp, spec, c):
+        calls["n"] += 1
+        if calls["n"] == 2:  # call 1 only collects the search space; call 2 is trial 0
+            raise ValueError("boom")
+        return real(hp, spec, c)
+
+    monkeypatch.setattr(tune_module, "build_model", flaky)
+    path = tune(cfg)
+    trials = json.loads((path.parent / "tuning.json").read_text())["trials"]
+    assert [t["status"] for t in trials].count("FAILED") == 1
+    assert len(trials) == 4
+
+    def broken(hp, spec, c):
+        calls["n"] += 1
+        if calls["n"] > 101:  # after the search-space call
+            raise ValueError("always broken")
+        return real(hp, spec, c)
+
+    calls["n"] = 100
+    monkeypatch.setattr(tune_module, "build_model", broken)
+    cfg2 = config(tmp_path / "b", f'data.source="{root}"', "tune.algorithm=random",
+                  "tune.max_trials=5", "tune.max_epochs=1", "tune.max_failed_trials=2")
+    ingest(cfg2)
+    with pytest.raises(PipelineError, match="2 trials failed in a row"):
+        tune(cfg2)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_training_resumes_after_interruption(tmp_path):
+    root = make_images(tmp_path / "imgs", per_class=10)
+    cfg = config(tmp_path, f'data.source="{root}"', "train.epochs=5", "train.patience=10")
+    ingest(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, extra_callbacks=[_Interrupt()])
+    run_dir = _run_dir(cfg)
+    assert (run_dir / "checkpoints" / "backup").exists()
+    assert not (run_dir / "model.keras").exists()
+    train(cfg)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["loss"]) == 3  # epochs 3..5: the first two were restored, not redone
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_training_is_reproducible(tmp_path):
+    root = make_images(tmp_path / "imgs", per_class=10)
+    losses = []
+    for run in ("a", "b"):
+        cfg = config(tmp_path, f'data.source="{root}"', f"run_id={run}", "train.epochs=2")
+        ingest(cfg)
+        train(cfg)
+        losses.append(json.loads((_run_dir(cfg) / "history.json").read_text())["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_kfold_reports_mean_and_spread(csv_runs):
+    tmp, cfg = csv_runs["binary"]
+    cfg3 = config(tmp, f'data.source="{cfg.data.source}"', "model.task=binary", "train.kfold=3",
+                  f'run_id="{_run_dir(cfg).name}"')
+    train(cfg3)
+    result = json.loads((_run_dir(cfg3) / "kfold.json").read_text())
+    assert result["k"] == 3 and len(result["scores"]) == 3
+    assert 0 <= result["mean"] <= 1 and result["std"] >= 0
+
+
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_evaluate_writes_metrics_report_and_plots(csv_runs, task):
+    _, cfg = csv_runs[task]
+    train(cfg)
+    metrics = evaluate(cfg)
+    run_dir = _run_dir(cfg)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["examples"] == metrics["examples"] > 0
+    assert (run_dir / "report.md").read_text().startswith("# Evaluation report")
+    assert (run_dir / "learning_curves.png").stat().st_size > 0
+    if task == "binary":
+        assert {"auc", "precision", "recall", "threshold", "confusion_matrix"} <= set(saved)
+        assert (run_dir / "pr_curve.png").exists() and (run_dir / "confusion_matrix.png").exists()
+    else:
+        assert {"mae", "rmse", "r2"} <= set(saved)
+    assert saved["diagnosis"]["verdict"] in {"good fit", "overfitting", "underfitting",
+                                             "still improving"}
+
+
+def test_regression_metrics_on_fixed_numbers():
+    m = regression_metrics(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 4.0, 2.0]))
+    assert m["mae"] == pytest.approx(0.75)
+    assert m["rmse"] == pytest.approx(np.sqrt(5 / 4))
+    assert m["r2"] == pytest.approx(1 - 5 / 5)
+
+
+def test_threshold_for_target_precision_and_recall():
+    y = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9])
+    t, how = choose_threshold(y, s, 1.0, 0.0)
+    assert t == pytest.approx(0.6) and "precision" in how  # first threshold with no false positive
+    t, how = choose_threshold(y, s, 0.0, 1.0)
+    assert t == pytest.approx(0.45)  # lowest positive score keeps recall 1 at best precision
+    assert choose_threshold(y, s, 0.0, 0.0) == (0.5, "default")
