@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.artifacts import PipelineError
-from pipeline.config import ConfigError, Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 
 STAGES = ("ingest", "tune", "train", "evaluate", "export")
 
@@ -30,7 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML config file (default: ./pipeline.toml if present)")
     common.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config value (repeatable)",
     )
     common.add_argument("--run-id", help="work in artifacts/RUN_ID (default: newest run)")
@@ -49,12 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("export", parents=[common], help="publish MODEL_BASE_PATH/NAME/VERSION/")
     p = sub.add_parser("run", parents=[common], help="run several stages in order")
     p.add_argument(
-        "--stages", default=",".join(STAGES),
+        "--stages",
+        default=",".join(STAGES),
         help=f"comma-separated subset of {','.join(STAGES)} (default: all)",
     )
-    p.add_argument(
-        "--skip-tune", action="store_true", help="train with default hyperparameters"
-    )
+    p.add_argument("--skip-tune", action="store_true", help="train with default hyperparameters")
     return parser
 
 
@@ -120,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             unknown = [s for s in stages if s not in STAGES]
             if unknown:
                 raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; expected {STAGES}")
-            if args.skip_tune:
+            if args.skip_tune or not cfg.tune.enabled:
                 stages = [s for s in stages if s != "tune"]
         else:
             stages = [args.command]

@@ -56,9 +56,7 @@ class DataConfig:
     csv_delimiter: str = ","
     image_size: tuple[int, int] = (8, 8)
     channels: int = 1
-    split: dict[str, float] = field(
-        default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2}
-    )
+    split: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2})
     shard_size: int = 1000
     compression: Literal["GZIP", "NONE"] = "GZIP"
     max_bad_fraction: float = 0.01
@@ -351,9 +349,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _build(tp, value, key + ".")  # type: ignore[arg-type]
     if origin is Literal:
         if value not in args:
-            raise ConfigError(
-                f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}"
-            )
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):

@@ -277,4 +277,3 @@ def _distribution(fstats: dict[str, Any]) -> dict[str, float] | None:
 
 def linf(a: dict[str, float], b: dict[str, float]) -> float:
     return max(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
-

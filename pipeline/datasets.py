@@ -190,7 +190,9 @@ def make_dataset(
     if cache and count * _example_bytes(spec) < CACHE_LIMIT_BYTES:
         ds = ds.cache()
     if shuffle:
-        ds = ds.shuffle(min(shuffle_buffer, max(count, 1)), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(
+            min(shuffle_buffer, max(count, 1)), seed=seed, reshuffle_each_iteration=True
+        )
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -35,8 +35,11 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     raw = np.asarray(model.predict(test_ds, verbose=0))
     history = A.read_json(run_dir / A.HISTORY) if (run_dir / A.HISTORY).exists() else {}
 
-    metrics: dict[str, Any] = {"task": spec.task, "examples": int(len(y)),
-                               "loss": float(results["loss"])}
+    metrics: dict[str, Any] = {
+        "task": spec.task,
+        "examples": len(y),
+        "loss": float(results["loss"]),
+    }
     if spec.task == "regression":
         metrics.update(regression_metrics(y, raw.reshape(-1)))
     elif spec.task == "binary":
@@ -47,8 +50,11 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     plots = make_plots(run_dir, spec, history, metrics, y, raw)
     A.write_json(run_dir / A.METRICS, metrics)
     A.atomic_write_text(run_dir / A.REPORT, render_report(cfg, spec, metrics, plots))
-    headline = {k: round(metrics[k], 4) for k in ("accuracy", "auc", "rmse", "mae", "r2")
-                if k in metrics and metrics[k] is not None}
+    headline = {
+        k: round(metrics[k], 4)
+        for k in ("accuracy", "auc", "rmse", "mae", "r2")
+        if k in metrics and metrics[k] is not None
+    }
     print(f"evaluate: {run_dir / A.METRICS} {headline} diagnosis={metrics['diagnosis']['verdict']}")
     return metrics
 
@@ -61,7 +67,9 @@ def multiclass_metrics(y: np.ndarray, probs: np.ndarray, spec: DataSpec) -> dict
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     auc = None
     if len(np.unique(y)) == spec.num_classes:
-        auc = float(roc_auc_score(y, probs, multi_class="ovr", labels=labels))
+        # sklearn wants the positive-class score alone when there are only two classes.
+        scores = probs[:, 1] if spec.num_classes == 2 else probs
+        auc = float(roc_auc_score(y, scores, multi_class="ovr", labels=labels))
     return {
         "accuracy": float((pred == y).mean()),
         "auc": auc,
@@ -85,7 +93,9 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, spec: DataSpec, cfg: Config
     )
     pred = (score >= threshold).astype(int)
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
-    precision, recall, _ = precision_recall_curve(y, score) if len(np.unique(y)) > 1 else ([], [], [])
+    precision, recall, _ = (
+        precision_recall_curve(y, score) if len(np.unique(y)) > 1 else ([], [], [])
+    )
     return {
         "accuracy": float((pred == y).mean()),
         "auc": float(roc_auc_score(y, score)) if len(np.unique(y)) > 1 else None,
@@ -97,8 +107,10 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, spec: DataSpec, cfg: Config
         "per_class": _per_class(spec.classes, p, r, f, s),
         "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
         "classes": list(spec.classes),
-        "pr_curve": {"precision": [float(v) for v in precision],
-                     "recall": [float(v) for v in recall]},
+        "pr_curve": {
+            "precision": [float(v) for v in precision],
+            "recall": [float(v) for v in recall],
+        },
     }
 
 
@@ -140,8 +152,12 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
 
 def _per_class(classes: Any, p: Any, r: Any, f: Any, s: Any) -> dict[str, dict[str, float]]:
     return {
-        str(c): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                 "support": int(s[i])}
+        str(c): {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
         for i, c in enumerate(classes)
     }
 
@@ -155,20 +171,31 @@ def diagnose(history: dict[str, list[float]], spec: DataSpec) -> dict[str, Any]:
     train_loss, val_loss = float(history["loss"][best]), float(val[best])
     gap = val_loss - train_loss
     rising = len(val) - 1 - best  # epochs after the best in which validation got no better
-    out = {"best_epoch": best + 1, "train_loss": train_loss, "val_loss": val_loss, "gap": gap,
-           "epochs_after_best": rising}
+    out: dict[str, Any] = {
+        "best_epoch": best + 1,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "gap": gap,
+        "epochs_after_best": rising,
+    }
     key = "accuracy" if spec.task != "regression" else None
     train_acc = float(history[key][best]) if key and key in history else None
     if train_acc is not None and train_acc < 0.8:
-        out.update(verdict="underfitting",
-                   reason=f"train accuracy {train_acc:.3f} < 0.8: a bigger model or more epochs")
+        out.update(
+            verdict="underfitting",
+            reason=f"train accuracy {train_acc:.3f} < 0.8: a bigger model or more epochs",
+        )
     elif val_loss > 1.5 * train_loss + 0.05:
-        out.update(verdict="overfitting",
-                   reason=f"val loss {val_loss:.4f} well above train loss {train_loss:.4f}: "
-                          "more data, augmentation or regularization")
+        out.update(
+            verdict="overfitting",
+            reason=f"val loss {val_loss:.4f} well above train loss {train_loss:.4f}: "
+            "more data, augmentation or regularization",
+        )
     elif best == len(val) - 1 and len(val) > 1:
-        out.update(verdict="still improving",
-                   reason="validation loss was lowest at the last epoch: more epochs may help")
+        out.update(
+            verdict="still improving",
+            reason="validation loss was lowest at the last epoch: more epochs may help",
+        )
     else:
         out.update(verdict="good fit", reason="train and validation losses are close")
     return out
@@ -223,8 +250,12 @@ def make_plots(
     if spec.task == "binary" and metrics.get("pr_curve", {}).get("precision"):
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.plot(metrics["pr_curve"]["recall"], metrics["pr_curve"]["precision"])
-        ax.scatter([metrics["recall"]], [metrics["precision"]], color="red",
-                   label=f"threshold {metrics['threshold']:.3f}")
+        ax.scatter(
+            [metrics["recall"]],
+            [metrics["precision"]],
+            color="red",
+            label=f"threshold {metrics['threshold']:.3f}",
+        )
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
         ax.legend()
@@ -241,11 +272,27 @@ def make_plots(
 
 
 def render_report(cfg: Config, spec: DataSpec, m: dict[str, Any], plots: list[str]) -> str:
-    lines = [f"# Evaluation report: {cfg.model.name}", "",
-             f"Run `{spec.run_dir.name}`, task **{spec.task}**, {m['examples']} test examples.", "",
-             "| metric | value |", "|---|---|"]
-    for key in ("loss", "accuracy", "auc", "macro_f1", "precision", "recall", "f1", "threshold",
-                "mae", "rmse", "r2"):
+    lines = [
+        f"# Evaluation report: {cfg.model.name}",
+        "",
+        f"Run `{spec.run_dir.name}`, task **{spec.task}**, {m['examples']} test examples.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key in (
+        "loss",
+        "accuracy",
+        "auc",
+        "macro_f1",
+        "precision",
+        "recall",
+        "f1",
+        "threshold",
+        "mae",
+        "rmse",
+        "r2",
+    ):
         if m.get(key) is not None:
             lines.append(f"| {key} | {m[key]:.4f} |")
     if "threshold_chosen_by" in m:
@@ -253,8 +300,10 @@ def render_report(cfg: Config, spec: DataSpec, m: dict[str, Any], plots: list[st
     if "per_class" in m:
         lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for c, v in m["per_class"].items():
-            lines.append(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} "
-                         f"| {v['support']} |")
+            lines.append(
+                f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} "
+                f"| {v['support']} |"
+            )
     d = m["diagnosis"]
     lines += ["", f"**Diagnosis: {d['verdict']}**: {d['reason']}.", ""]
     lines += [f"![{p}]({p})" for p in plots]

@@ -32,7 +32,14 @@ import tensorflow as tf
 from pipeline import artifacts as A
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config
-from pipeline.datasets import DataSpec, feature_spec, decode_features, load_spec, make_dataset, to_numpy
+from pipeline.datasets import (
+    DataSpec,
+    decode_features,
+    feature_spec,
+    load_spec,
+    make_dataset,
+    to_numpy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +153,11 @@ class ServingModule(tf.Module):
         else:
             probs = raw
             ids = tf.argmax(probs, axis=1)
-        return {"probabilities": probs, "class_ids": ids,
-                "classes": tf.gather(self.class_names, ids)}
+        return {
+            "probabilities": probs,
+            "class_ids": ids,
+            "classes": tf.gather(self.class_names, ids),
+        }
 
     def input_specs(self) -> dict[str, tf.TensorSpec]:
         specs = {}
@@ -166,11 +176,16 @@ class ServingModule(tf.Module):
 
     def signatures(self) -> dict[str, Any]:
         predict = tf.function(self._outputs)
-        sigs: dict[str, Any] = {"serving_default": predict.get_concrete_function(self.input_specs())}
+        sigs: dict[str, Any] = {
+            "serving_default": predict.get_concrete_function(self.input_specs())
+        }
         if self.spec.is_image:
             h, w, c = self.spec.image_shape
-            image_key = next(self.spec.input_name(n) for n, e in self.spec.features.items()
-                             if e["kind"] == "image")
+            image_key = next(
+                self.spec.input_name(n)
+                for n, e in self.spec.features.items()
+                if e["kind"] == "image"
+            )
 
             def from_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
                 def decode(data: tf.Tensor) -> tf.Tensor:
@@ -219,7 +234,9 @@ def set_method_names(export_dir: Path, methods: dict[str, str]) -> None:
             if name in meta_graph.signature_def:
                 meta_graph.signature_def[name].method_name = method
     pb.write_bytes(sm.SerializeToString())
-    (export_dir / "fingerprint.pb").write_bytes(fingerprinting.CreateFingerprintDef(str(export_dir)))
+    (export_dir / "fingerprint.pb").write_bytes(
+        fingerprinting.CreateFingerprintDef(str(export_dir))
+    )
 
 
 def write_warmup(path: Path, model_name: str, x: dict[str, np.ndarray]) -> int:
@@ -264,7 +281,9 @@ def check_parity(out: Path, model: Any, x: dict[str, np.ndarray], cfg: Config) -
             f"{diff:.3g} (export.parity_atol={cfg.export.parity_atol}, "
             f"parity_rtol={cfg.export.parity_rtol}); nothing was published"
         )
-    log.info("export parity: max |reloaded - in-memory| = %.3g over %d examples", diff, len(expected))
+    log.info(
+        "export parity: max |reloaded - in-memory| = %.3g over %d examples", diff, len(expected)
+    )
     return {"max_abs_diff": diff}
 
 
@@ -324,8 +343,9 @@ def _data_fingerprint(shards: Path) -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -71,7 +71,9 @@ class _ShardWriter:
         self.directory = directory
         self.split = split
         self.shard_size = shard_size
-        self.options = tf.io.TFRecordOptions(compression_type="" if compression == "NONE" else "GZIP")
+        self.options = tf.io.TFRecordOptions(
+            compression_type="" if compression == "NONE" else "GZIP"
+        )
         self.suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
         self.index = 0
         self.in_shard = 0
@@ -152,9 +154,7 @@ def ingest(cfg: Config) -> IngestResult:
             raise PipelineError(f"feature {name!r} has the same name as the label")
     # Write the columns the schema knows; a first ingest takes the data's own kinds.
     if schema is not None:
-        kinds = {
-            n: e["kind"] for n, e in schema["features"].items() if n in profile.kinds
-        }
+        kinds = {n: e["kind"] for n, e in schema["features"].items() if n in profile.kinds}
     else:
         kinds = dict(profile.kinds)
     label_kind = "float" if cfg.model.task == "regression" else "string"
@@ -168,7 +168,9 @@ def ingest(cfg: Config) -> IngestResult:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        writers = {s: _ShardWriter(tmp, s, cfg.data.shard_size, cfg.data.compression) for s in SPLITS}
+        writers = {
+            s: _ShardWriter(tmp, s, cfg.data.shard_size, cfg.data.compression) for s in SPLITS
+        }
         acc = {s: SplitStats(kinds, edges, label_kind) for s in (*SPLITS, "all")}
         counts = {"total": 0, "bad": 0, "missing_label": 0}
         bad: list[dict[str, str]] = []
@@ -228,9 +230,17 @@ def ingest(cfg: Config) -> IngestResult:
         A.write_json(schema_path, schema)
     A.write_json(run_dir / A.SCHEMA, schema)
     if label_kind == "string":
-        A.atomic_write_text(run_dir / A.LABELS, "\n".join(label_vocabulary(cfg, schema, stats)) + "\n")
-    A.write_json(run_dir / "ingest.json", {"config": cfg.to_dict(), "counts": counts,
-                                            "examples": {s: writers[s].count for s in SPLITS}})
+        A.atomic_write_text(
+            run_dir / A.LABELS, "\n".join(label_vocabulary(cfg, schema, stats)) + "\n"
+        )
+    A.write_json(
+        run_dir / "ingest.json",
+        {
+            "config": cfg.to_dict(),
+            "counts": counts,
+            "examples": {s: writers[s].count for s in SPLITS},
+        },
+    )
     A.atomic_write_text(Path(cfg.artifacts) / A.LATEST, run_id + "\n")
     return IngestResult(run_dir, {s: writers[s].count for s in SPLITS} | counts, anomalies, bad)
 
@@ -241,7 +251,8 @@ def label_vocabulary(cfg: Config, schema: dict[str, Any], stats: dict[str, Any])
     if cfg.model.task == "binary":
         if len(vocab) != 2:
             raise PipelineError(
-                f"model.task = 'binary' needs exactly 2 classes, data has {len(vocab)}: {vocab[:10]}"
+                f"model.task = 'binary' needs exactly 2 classes, "
+                f"data has {len(vocab)}: {vocab[:10]}"
             )
         positive = cfg.model.positive_label or vocab[-1]
         if positive not in vocab:
@@ -252,9 +263,7 @@ def label_vocabulary(cfg: Config, schema: dict[str, Any], stats: dict[str, Any])
     return vocab
 
 
-def _check_record(
-    item: Record, label_kind: str, vector_len: dict[str, int]
-) -> Record | BadRecord:
+def _check_record(item: Record, label_kind: str, vector_len: dict[str, int]) -> Record | BadRecord:
     if label_kind == "float" and item.label is not None:
         try:
             float(item.label)

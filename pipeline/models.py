@@ -59,8 +59,10 @@ def compile_model(model: keras.Model, spec: DataSpec, learning_rate: float) -> N
         model.compile(
             optimizer,
             "mse",
-            metrics=[keras.metrics.MeanAbsoluteError(name="mae"),
-                     keras.metrics.RootMeanSquaredError(name="rmse")],
+            metrics=[
+                keras.metrics.MeanAbsoluteError(name="mae"),
+                keras.metrics.RootMeanSquaredError(name="rmse"),
+            ],
         )
 
 
@@ -115,8 +117,9 @@ def _cnn(hp: kt.HyperParameters, spec: DataSpec, cfg: ModelConfig) -> tuple[dict
     else:
         x = keras.layers.Flatten()(x)
     x = keras.layers.Dropout(hp.Float("dropout", 0.0, 0.5, step=0.1, default=0.3))(x)
-    x = keras.layers.Dense(hp.Choice("dense_units", [64, 128, 256], default=128),
-                           activation="relu")(x)
+    x = keras.layers.Dense(
+        hp.Choice("dense_units", [64, 128, 256], default=128), activation="relu"
+    )(x)
     x = keras.layers.Dropout(hp.Float("head_dropout", 0.0, 0.5, step=0.1, default=0.2))(x)
     return inputs, x
 
@@ -195,8 +198,15 @@ def load_base_model(cfg: ModelConfig, input_shape: tuple[int, int, int]) -> kera
 
 
 # keras.applications families by the input scaling their weights were trained with.
-_TF_MODE = ("MobileNet", "Inception", "Xception", "NASNet", "ResNet50V2", "ResNet101V2",
-            "ResNet152V2")
+_TF_MODE = (
+    "MobileNet",
+    "Inception",
+    "Xception",
+    "NASNet",
+    "ResNet50V2",
+    "ResNet101V2",
+    "ResNet152V2",
+)
 _TORCH_MODE = ("DenseNet",)
 _CAFFE_MODE = ("ResNet50", "ResNet101", "ResNet152", "VGG16", "VGG19")
 
@@ -243,7 +253,7 @@ def _finetune_base(
 
 def unfreeze_top(model: keras.Model, layers: int) -> int:
     """Make the top ``layers`` layers of the base trainable (BatchNorm stays frozen)."""
-    base = next((l for l in model.layers if isinstance(l, keras.Model)), None)
+    base = next((lyr for lyr in model.layers if isinstance(lyr, keras.Model)), None)
     if base is None or layers == 0:
         return 0
     base.trainable = True
@@ -256,4 +266,3 @@ def unfreeze_top(model: keras.Model, layers: int) -> int:
         elif layer.weights:
             count += 1
     return count
-

@@ -80,7 +80,7 @@ def open_source(cfg: DataConfig) -> Source:
     path = Path(cfg.source)
     if not path.exists():
         raise PipelineError(f"data.source: {path} does not exist")
-    fmt = cfg.format
+    fmt: str = cfg.format
     if fmt == "auto":
         fmt = _guess_format(path)
     if fmt == "images":
@@ -204,7 +204,7 @@ class CsvSource(Source):
         self.max_bad_fraction = cfg.max_bad_fraction
 
     def _reader(self) -> tuple[Any, list[str], Any]:
-        f = open(self.path, newline="", encoding="utf-8-sig")
+        f = open(self.path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - returned
         reader = csv.reader(f, delimiter=self.delimiter)
         try:
             header = next(reader)
@@ -302,9 +302,7 @@ class CsvSource(Source):
                 if not row:
                     continue
                 if len(row) != len(header):
-                    yield BadRecord(
-                        origin, f"expected {len(header)} fields, got {len(row)}"
-                    )
+                    yield BadRecord(origin, f"expected {len(header)} fields, got {len(row)}")
                     continue
                 values = dict(zip(header, (v.strip() for v in row)))
                 features: dict[str, Any] = {}
@@ -390,9 +388,7 @@ class NpzSource(Source):
         x = _NpyStream(archive, "x", str(self.path))
         y = _NpyStream(archive, "y", str(self.path))
         if x.shape[0] != y.shape[0]:
-            raise PipelineError(
-                f"{self.path}: x has {x.shape[0]} rows but y has {y.shape[0]}"
-            )
+            raise PipelineError(f"{self.path}: x has {x.shape[0]} rows but y has {y.shape[0]}")
         if len(y.shape) != 1:
             raise PipelineError(f"{self.path}: y must be 1-D, got shape {y.shape}")
         if len(x.shape) not in (2, 3, 4):
@@ -502,7 +498,7 @@ class TFRecordSource(Source):
         ranges: dict[str, tuple[float, float]] = {}
         rows = 0
         label_kind = ""
-        for origin, raw, error in self._examples():
+        for _origin, raw, _error in self._examples():
             if raw is None:
                 continue
             try:
@@ -595,6 +591,9 @@ class TFRecordSource(Source):
 
 
 def _looks_like_image(data: bytes) -> bool:
-    return data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff" or data[:2] == b"BM" or (
-        data[:4] == b"GIF8"
+    return (
+        data[:8] == b"\x89PNG\r\n\x1a\n"
+        or data[:3] == b"\xff\xd8\xff"
+        or data[:2] == b"BM"
+        or (data[:4] == b"GIF8")
     )

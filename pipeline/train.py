@@ -42,10 +42,14 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
     keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(hp, spec, cfg)
     log.info("training %s with %s hyperparameters %s", model.name, origin, hp.values)
-    batch = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
+    batch: dict[str, Any] = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
     train_ds = make_dataset(
-        spec, "train", shuffle=True, seed=cfg.train.seed,
-        shuffle_buffer=cfg.train.shuffle_buffer, **batch,
+        spec,
+        "train",
+        shuffle=True,
+        seed=cfg.train.seed,
+        shuffle_buffer=cfg.train.shuffle_buffer,
+        **batch,
     )
     val_ds = make_dataset(spec, "val", **batch)
     verbose = 1 if sys.stderr.isatty() else 2
@@ -59,8 +63,12 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
         *(extra_callbacks or []),
     ]
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
-        callbacks=callbacks, verbose=verbose,
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.train.epochs,
+        shuffle=False,
+        callbacks=callbacks,
+        verbose=verbose,
     ).history
     if model_kind(spec, cfg.model) == "finetune" and cfg.model.fine_tune_epochs:
         history = _fine_tune(model, hp, spec, cfg, train_ds, val_ds, history, run_dir, verbose)
@@ -97,8 +105,12 @@ def _fine_tune(
     log.info("fine-tuning the top %d layers at lr=%g", layers, lr * cfg.model.fine_tune_lr_factor)
     start = len(next(iter(history.values()), []))
     more = model.fit(
-        train_ds, validation_data=val_ds, initial_epoch=start,
-        epochs=start + cfg.model.fine_tune_epochs, verbose=verbose,
+        train_ds,
+        validation_data=val_ds,
+        initial_epoch=start,
+        shuffle=False,
+        epochs=start + cfg.model.fine_tune_epochs,
+        verbose=verbose,
         callbacks=[
             keras.callbacks.BackupAndRestore(str(run_dir / A.CHECKPOINTS / "finetune")),
             keras.callbacks.EarlyStopping(
@@ -117,19 +129,32 @@ def cross_validate(cfg: Config, spec: DataSpec, hp: kt.HyperParameters) -> dict[
     for fold in range(k):
         keras.utils.set_random_seed(cfg.train.seed + fold)
         model = build_model(hp, spec, cfg)
-        common = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
-        fit_ds = make_dataset(spec, "train+val", shuffle=True, seed=cfg.train.seed,
-                              fold=(k, fold, False), **common)
+        common: dict[str, Any] = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
+        fit_ds = make_dataset(
+            spec, "train+val", shuffle=True, seed=cfg.train.seed, fold=(k, fold, False), **common
+        )
         held = make_dataset(spec, "train+val", fold=(k, fold, True), **common)
         hist = model.fit(
-            fit_ds, validation_data=held, epochs=cfg.train.epochs, verbose=0,
-            callbacks=[keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=cfg.train.patience, restore_best_weights=True)],
+            fit_ds,
+            validation_data=held,
+            epochs=cfg.train.epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=[
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=cfg.train.patience, restore_best_weights=True
+                )
+            ],
         ).history
         best = int(np.argmin(hist["val_loss"]))
         scores.append(float(hist[metric][best]))
         log.info("fold %d/%d: %s=%.4f", fold + 1, k, metric, scores[-1])
-    result = {"k": k, "metric": metric, "scores": scores,
-              "mean": float(np.mean(scores)), "std": float(np.std(scores))}
+    result = {
+        "k": k,
+        "metric": metric,
+        "scores": scores,
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+    }
     print(f"train: {k}-fold {metric} = {result['mean']:.4f} ± {result['std']:.4f}")
     return result

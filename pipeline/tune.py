@@ -47,7 +47,9 @@ class DeadlineCallback(keras.callbacks.Callback):
 
 def objective_for(cfg: Config, spec: DataSpec) -> kt.Objective:
     name = cfg.tune.objective or ("val_loss" if spec.task == "regression" else "val_accuracy")
-    direction = "min" if "loss" in name or "error" in name or name.endswith(("mae", "rmse")) else "max"
+    direction = (
+        "min" if "loss" in name or "error" in name or name.endswith(("mae", "rmse")) else "max"
+    )
     return kt.Objective(name, direction)
 
 
@@ -67,7 +69,7 @@ def make_tuner(cfg: Config, spec: DataSpec, directory: Path, deadline: float) ->
                 return super().run_trial(trial, *args, **kwargs)
             except kt.errors.FatalError:
                 raise
-            except Exception as e:  # noqa: BLE001 - recorded as a failed trial, search goes on
+            except Exception as e:
                 log.warning("trial %s failed: %s", trial.trial_id, e)
                 raise kt.errors.FailedTrialError(f"{type(e).__name__}: {e}") from e
 
@@ -104,7 +106,7 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
     keras.utils.set_random_seed(cfg.train.seed)
     start = time.monotonic()
     deadline = start + cfg.tune.time_limit_s
-    batch = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
+    batch: dict[str, Any] = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
     train_ds = make_dataset(spec, "train", shuffle=True, seed=cfg.train.seed, **batch)
     val_ds = make_dataset(spec, "val", **batch)
     tuner = make_tuner(cfg, spec, run_dir / A.TUNER, deadline)
@@ -116,13 +118,17 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
     ]
     log.info(
         "tuning with %s: up to %d trials, %d epochs each, %.0f s",
-        cfg.tune.algorithm, cfg.tune.max_trials, cfg.tune.max_epochs, cfg.tune.time_limit_s,
+        cfg.tune.algorithm,
+        cfg.tune.max_trials,
+        cfg.tune.max_epochs,
+        cfg.tune.time_limit_s,
     )
     try:
         tuner.search(
             train_ds,
             validation_data=val_ds,
             epochs=cfg.tune.max_epochs,
+            shuffle=False,  # the dataset shuffles itself
             callbacks=callbacks,
             verbose=1 if sys.stderr.isatty() else 0,
         )
@@ -138,7 +144,8 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
     completed = [t for t in trials if t["status"] == "COMPLETED" and t["score"] is not None]
     if not completed:
         raise PipelineError(
-            f"tuning finished with no completed trial ({len(trials)} trials); see {run_dir / A.TUNER}"
+            f"tuning finished with no completed trial ({len(trials)} trials); "
+            f"see {run_dir / A.TUNER}"
         )
     best = tuner.get_best_hyperparameters(1)[0]
     path = run_dir / A.HPARAMS

@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import Config, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -22,8 +22,13 @@ def _seed() -> None:
     np.random.seed(0)
 
 
-def make_images(root: Path, per_class: int = 12, classes: tuple[str, ...] = ("a", "b"),
-                size: int = 8, seed: int = 0) -> Path:
+def make_images(
+    root: Path,
+    per_class: int = 12,
+    classes: tuple[str, ...] = ("a", "b"),
+    size: int = 8,
+    seed: int = 0,
+) -> Path:
     """Class folders of PNGs whose brightness pattern depends on the class (learnable)."""
     from PIL import Image
 
@@ -33,7 +38,7 @@ def make_images(root: Path, per_class: int = 12, classes: tuple[str, ...] = ("a"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             img = rng.integers(0, 60, (size, size), dtype=np.uint8)
-            img[:, c * size // len(classes):(c + 1) * size // len(classes)] += 180
+            img[:, c * size // len(classes) : (c + 1) * size // len(classes)] += 180
             Image.fromarray(img, mode="L").save(folder / f"{i:03d}.png")
     return root
 

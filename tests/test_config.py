@@ -12,15 +12,20 @@ def _load(tmp_path: Path, text: str, *overrides: str):
 
 
 def test_defaults_and_file_values(tmp_path):
-    cfg = _load(tmp_path, '[train]\nepochs = 3\n[data]\nimage_size = [16, 12]\n')
+    cfg = _load(tmp_path, "[train]\nepochs = 3\n[data]\nimage_size = [16, 12]\n")
     assert cfg.train.epochs == 3
     assert cfg.data.image_size == (16, 12)
     assert cfg.model.task == "multiclass"
 
 
 def test_overrides_are_typed_and_win(tmp_path):
-    cfg = _load(tmp_path, "[train]\nepochs = 3\n", "train.epochs=7", "model.name=flowers",
-                "data.split={train=0.8,val=0.1,test=0.1}")
+    cfg = _load(
+        tmp_path,
+        "[train]\nepochs = 3\n",
+        "train.epochs=7",
+        "model.name=flowers",
+        "data.split={train=0.8,val=0.1,test=0.1}",
+    )
     assert cfg.train.epochs == 7
     assert cfg.model.name == "flowers"
     assert cfg.data.split["train"] == 0.8

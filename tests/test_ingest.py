@@ -81,7 +81,10 @@ def test_csv_types_and_stats(tmp_path, binary_csv):
     result = ingest(cfg)
     schema = json.loads((result.run_dir / "schema.json").read_text())
     assert {k: v["kind"] for k, v in schema["features"].items()} == {
-        "x1": "float", "x2": "float", "color": "string"}
+        "x1": "float",
+        "x2": "float",
+        "color": "string",
+    }
     assert schema["features"]["color"]["vocabulary"] == ["blue", "green", "red"]
     stats = json.loads((result.run_dir / "stats.json").read_text())["all"]
     x1 = stats["features"]["x1"]
@@ -110,8 +113,11 @@ def test_npz_vectors_and_images(tmp_path):
     assert schema["features"]["x"]["kind"] == "vector" and schema["features"]["x"]["length"] == 5
     assert (result.run_dir / "labels.txt").read_text().split() == ["0", "1", "2"]
 
-    np.savez(tmp_path / "i.npz", x=rng.integers(0, 255, (30, 6, 6), dtype=np.uint8),
-             y=np.array(["u", "v"] * 15))
+    np.savez(
+        tmp_path / "i.npz",
+        x=rng.integers(0, 255, (30, 6, 6), dtype=np.uint8),
+        y=np.array(["u", "v"] * 15),
+    )
     cfg = config(tmp_path / "img", f'data.source="{tmp_path / "i.npz"}"', "data.image_size=[6,6]")
     result = ingest(cfg)
     rows = read_split(result.run_dir, "train")
@@ -131,17 +137,28 @@ def test_tfrecord_source(tmp_path):
     path = tmp_path / "in.tfrecord"
     with tf.io.TFRecordWriter(str(path)) as w:
         for i in range(40):
-            ex = tf.train.Example(features=tf.train.Features(feature={
-                "age": tf.train.Feature(float_list=tf.train.FloatList(value=[float(i)])),
-                "n": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 3])),
-                "city": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x" if i % 2 else b"y"])),
-                "label": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"p" if i % 2 else b"q"])),
-            }))
+            ex = tf.train.Example(
+                features=tf.train.Features(
+                    feature={
+                        "age": tf.train.Feature(float_list=tf.train.FloatList(value=[float(i)])),
+                        "n": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 3])),
+                        "city": tf.train.Feature(
+                            bytes_list=tf.train.BytesList(value=[b"x" if i % 2 else b"y"])
+                        ),
+                        "label": tf.train.Feature(
+                            bytes_list=tf.train.BytesList(value=[b"p" if i % 2 else b"q"])
+                        ),
+                    }
+                )
+            )
             w.write(ex.SerializeToString())
     result = ingest(config(tmp_path, f'data.source="{path}"'))
     schema = json.loads((result.run_dir / "schema.json").read_text())
     assert {k: v["kind"] for k, v in schema["features"].items()} == {
-        "age": "float", "n": "float", "city": "string"}
+        "age": "float",
+        "n": "float",
+        "city": "string",
+    }
     assert sum(result.counts[s] for s in ("train", "val", "test")) == 40
 
 
@@ -182,8 +199,9 @@ def _reingest(tmp_path, header, rows, *overrides):
     base = write_csv(tmp_path / "base.csv", HEADER, tabular_rows(200, seed=3))
     ingest(config(tmp_path, f'data.source="{base}"', "model.task=binary", "run_id=base"))
     path = write_csv(tmp_path / "next.csv", header, rows)
-    return ingest(config(tmp_path, f'data.source="{path}"', "model.task=binary", "run_id=next",
-                         *overrides))
+    return ingest(
+        config(tmp_path, f'data.source="{path}"', "model.task=binary", "run_id=next", *overrides)
+    )
 
 
 def test_missing_column_blocks(tmp_path):

@@ -34,13 +34,13 @@ def csv_runs(tmp_path_factory):
     out = {}
     for task in ("binary", "regression"):
         tmp = tmp_path_factory.mktemp(task)
-        path = write_csv(tmp / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(160, task=task))
+        path = write_csv(
+            tmp / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(160, task=task)
+        )
         cfg = config(tmp, f'data.source="{path}"', f"model.task={task}")
         ingest(cfg)
         out[task] = (tmp, cfg)
     return out
-
-
 
 
 def _train_one_epoch(cfg, run_dir):
@@ -85,8 +85,7 @@ def test_mlp_builds_and_trains(csv_runs, task):
     spec, model = _train_one_epoch(cfg, _run_dir(cfg))
     assert set(model.input) == {"x1", "x2", "color"}
     # Preprocessing is inside the model: it takes raw values, strings included.
-    out = model({"x1": np.array([0.5]), "x2": np.array([-1.0]),
-                 "color": np.array(["red"])}).numpy()
+    out = model({"x1": np.array([0.5]), "x2": np.array([-1.0]), "color": np.array(["red"])}).numpy()
     assert out.shape == (1, 1)
 
 
@@ -105,8 +104,13 @@ def test_finetune_from_keras_file(image_run, tmp_path):
     spec = load_spec(_run_dir(cfg))
     base = build_model(kt.HyperParameters(), spec, cfg)
     base.save(tmp_path / "base.keras")
-    ft = config(tmp, "model.kind=finetune", f'model.base_model="{tmp_path / "base.keras"}"',
-                "model.fine_tune_epochs=1", f'artifacts="{cfg.artifacts}"')
+    ft = config(
+        tmp,
+        "model.kind=finetune",
+        f'model.base_model="{tmp_path / "base.keras"}"',
+        "model.fine_tune_epochs=1",
+        f'artifacts="{cfg.artifacts}"',
+    )
     model = build_model(kt.HyperParameters(), spec, ft)
     frozen = next(l for l in model.layers if isinstance(l, keras.Model))
     assert not frozen.trainable
@@ -121,10 +125,17 @@ def test_finetune_keras_application_with_local_weights(tmp_path):
     keras.applications.MobileNetV2(
         include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg"
     ).save_weights(weights)
-    cfg = config(tmp_path, f'data.source="{root}"', "data.image_size=[32,32]",
-                 "model.kind=finetune", "model.base_model=MobileNetV2",
-                 f'model.base_weights="{weights}"', "train.epochs=1",
-                 "model.fine_tune_epochs=1", "model.fine_tune_layers=5")
+    cfg = config(
+        tmp_path,
+        f'data.source="{root}"',
+        "data.image_size=[32,32]",
+        "model.kind=finetune",
+        "model.base_model=MobileNetV2",
+        f'model.base_weights="{weights}"',
+        "train.epochs=1",
+        "model.fine_tune_epochs=1",
+        "model.fine_tune_layers=5",
+    )
     ingest(cfg)
     path = train(cfg)
     assert keras.models.load_model(path).output_shape == (None, 2)
@@ -136,24 +147,40 @@ def test_finetune_errors(image_run):
     bad = config(tmp, "model.kind=finetune", "model.base_model=NoSuchNet")
     with pytest.raises(PipelineError, match="keras.applications"):
         build_model(kt.HyperParameters(), spec, bad)
-    missing = config(tmp, "model.kind=finetune", "model.base_model=MobileNetV2",
-                     'model.base_weights="/nonexistent.h5"')
+    missing = config(
+        tmp,
+        "model.kind=finetune",
+        "model.base_model=MobileNetV2",
+        'model.base_weights="/nonexistent.h5"',
+    )
     with pytest.raises(PipelineError, match="does not exist"):
         build_model(kt.HyperParameters(), spec, missing)
 
 
 def test_tuning_writes_hparams_and_resumes(tmp_path):
     root = make_images(tmp_path / "imgs", per_class=12)
-    cfg = config(tmp_path, f'data.source="{root}"', "tune.algorithm=random", "tune.max_trials=2",
-                 "tune.max_epochs=1", "run_id=r")
+    cfg = config(
+        tmp_path,
+        f'data.source="{root}"',
+        "tune.algorithm=random",
+        "tune.max_trials=2",
+        "tune.max_epochs=1",
+        "run_id=r",
+    )
     ingest(cfg)
     path = tune(cfg)
     hp = kt.HyperParameters.from_config(json.loads(path.read_text()))
     assert "learning_rate" in hp.values
     first = json.loads((path.parent / "tuning.json").read_text())["trials"]
     assert len(first) == 2
-    more = config(tmp_path, f'data.source="{root}"', "tune.algorithm=random", "tune.max_trials=3",
-                  "tune.max_epochs=1", "run_id=r")
+    more = config(
+        tmp_path,
+        f'data.source="{root}"',
+        "tune.algorithm=random",
+        "tune.max_trials=3",
+        "tune.max_epochs=1",
+        "run_id=r",
+    )
     tune(more)
     trials = json.loads((path.parent / "tuning.json").read_text())["trials"]
     assert len(trials) == 3  # the two finished trials were kept, one new trial ran
@@ -162,8 +189,13 @@ def test_tuning_writes_hparams_and_resumes(tmp_path):
 
 def test_hyperband_and_time_limit(tmp_path):
     root = make_images(tmp_path / "imgs", per_class=10)
-    cfg = config(tmp_path, f'data.source="{root}"', "tune.max_trials=6", "tune.max_epochs=2",
-                 "tune.time_limit_s=0.001")
+    cfg = config(
+        tmp_path,
+        f'data.source="{root}"',
+        "tune.max_trials=6",
+        "tune.max_epochs=2",
+        "tune.time_limit_s=0.001",
+    )
     ingest(cfg)
     path = tune(cfg)
     trials = json.loads((path.parent / "tuning.json").read_text())["trials"]
@@ -172,8 +204,14 @@ def test_hyperband_and_time_limit(tmp_path):
 
 def test_failed_trials_are_recorded_then_stop(tmp_path, monkeypatch):
     root = make_images(tmp_path / "imgs", per_class=10)
-    cfg = config(tmp_path, f'data.source="{root}"', "tune.algorithm=random", "tune.max_trials=4",
-                 "tune.max_epochs=1", "tune.max_failed_trials=2")
+    cfg = config(
+        tmp_path,
+        f'data.source="{root}"',
+        "tune.algorithm=random",
+        "tune.max_trials=4",
+        "tune.max_epochs=1",
+        "tune.max_failed_trials=2",
+    )
     ingest(cfg)
     real = tune_module.build_model
     calls = {"n": 0}
@@ -198,8 +236,14 @@ def test_failed_trials_are_recorded_then_stop(tmp_path, monkeypatch):
 
     calls["n"] = 100
     monkeypatch.setattr(tune_module, "build_model", broken)
-    cfg2 = config(tmp_path / "b", f'data.source="{root}"', "tune.algorithm=random",
-                  "tune.max_trials=5", "tune.max_epochs=1", "tune.max_failed_trials=2")
+    cfg2 = config(
+        tmp_path / "b",
+        f'data.source="{root}"',
+        "tune.algorithm=random",
+        "tune.max_trials=5",
+        "tune.max_epochs=1",
+        "tune.max_failed_trials=2",
+    )
     ingest(cfg2)
     with pytest.raises(PipelineError, match="2 trials failed in a row"):
         tune(cfg2)
@@ -239,8 +283,13 @@ def test_training_is_reproducible(tmp_path):
 
 def test_kfold_reports_mean_and_spread(csv_runs):
     tmp, cfg = csv_runs["binary"]
-    cfg3 = config(tmp, f'data.source="{cfg.data.source}"', "model.task=binary", "train.kfold=3",
-                  f'run_id="{_run_dir(cfg).name}"')
+    cfg3 = config(
+        tmp,
+        f'data.source="{cfg.data.source}"',
+        "model.task=binary",
+        "train.kfold=3",
+        f'run_id="{_run_dir(cfg).name}"',
+    )
     train(cfg3)
     result = json.loads((_run_dir(cfg3) / "kfold.json").read_text())
     assert result["k"] == 3 and len(result["scores"]) == 3
@@ -262,8 +311,12 @@ def test_evaluate_writes_metrics_report_and_plots(csv_runs, task):
         assert (run_dir / "pr_curve.png").exists() and (run_dir / "confusion_matrix.png").exists()
     else:
         assert {"mae", "rmse", "r2"} <= set(saved)
-    assert saved["diagnosis"]["verdict"] in {"good fit", "overfitting", "underfitting",
-                                             "still improving"}
+    assert saved["diagnosis"]["verdict"] in {
+        "good fit",
+        "overfitting",
+        "underfitting",
+        "still improving",
+    }
 
 
 def test_regression_metrics_on_fixed_numbers():
