@@ -1,0 +1,1 @@
+"""Serving side: the client, the codec, the embedded TF-Serving-compatible server, promotion."""

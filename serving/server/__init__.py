@@ -1,0 +1,1 @@
+"""An embedded, TensorFlow-Serving-compatible model server (gRPC + REST)."""

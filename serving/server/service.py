@@ -1,0 +1,262 @@
+"""The request path shared by gRPC and REST, and the gRPC servicers.
+
+gRPC uses the official generated code from tensorflow-serving-api
+(``tensorflow.serving.PredictionService`` and ``tensorflow.serving.ModelService``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import any_pb2
+from tensorflow.core.framework import tensor_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
+
+from serving import codec
+from serving.server.batching import Batcher
+from serving.server.errors import ServingError, invalid
+from serving.server.manager import ModelManager
+from serving.server.metrics import Metrics
+from serving.server.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable, examples_of
+
+log = logging.getLogger(__name__)
+
+STATE_ENUM = get_model_status_pb2.ModelVersionStatus.State
+
+
+class Core:
+    """Resolve the servable, check inputs, run (batched or not) and count."""
+
+    def __init__(self, manager: ModelManager, metrics: Metrics, batcher: Batcher | None = None):
+        self.manager = manager
+        self.metrics = metrics
+        self.batcher = batcher
+
+    @contextmanager
+    def measured(self, model: str, api: str, entrypoint: str) -> Iterator[None]:
+        start = time.perf_counter()
+        status = "OK"
+        try:
+            yield
+        except ServingError as e:
+            status = e.code.name
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self.metrics.request(model, api, entrypoint, status, time.perf_counter() - start)
+
+    def predict(self, model_spec: Any, inputs: dict[str, np.ndarray],
+                output_filter: tuple[str, ...]) -> tuple[Servable, str, dict[str, np.ndarray]]:
+        servable = self.manager.resolve(model_spec)
+        signature = model_spec.signature_name or "serving_default"
+        checked = servable.check_inputs(signature, inputs)
+        if self.batcher is not None:
+            outputs = self.batcher.submit(servable, signature, checked, output_filter)
+        else:
+            outputs = servable.run(signature, checked, output_filter)
+        return servable, signature, outputs
+
+    def infer_examples(self, model_spec: Any, method: str,
+                       examples: list[bytes]) -> tuple[Servable, str, dict[str, np.ndarray]]:
+        servable = self.manager.resolve(model_spec)
+        signature = model_spec.signature_name or "serving_default"
+        return servable, signature, servable.run_examples(signature, method, examples)
+
+
+def classifications(outputs: dict[str, np.ndarray]) -> Any:
+    """ClassificationResult from a classify signature's ``classes`` and/or ``scores``."""
+    result = classification_pb2.ClassificationResult()
+    classes = outputs.get("classes")
+    scores = outputs.get("scores")
+    rows = (classes if classes is not None else scores)
+    if rows is None:
+        raise invalid("classification signature has neither 'classes' nor 'scores' outputs")
+    for i in range(rows.shape[0]):
+        c = result.classifications.add()
+        width = rows.shape[1] if rows.ndim > 1 else 1
+        for j in range(width):
+            cls = c.classes.add()
+            if classes is not None:
+                value = classes[i][j] if classes.ndim > 1 else classes[i]
+                cls.label = value.decode() if isinstance(value, bytes) else str(value)
+            if scores is not None:
+                cls.score = float(scores[i][j] if scores.ndim > 1 else scores[i])
+    return result
+
+
+def regressions(outputs: dict[str, np.ndarray]) -> Any:
+    values = outputs.get("outputs")
+    if values is None:
+        raise invalid("regression signature has no 'outputs' output")
+    result = regression_pb2.RegressionResult()
+    for v in values.reshape(values.shape[0], -1)[:, 0]:
+        result.regressions.add().value = float(v)
+    return result
+
+
+def _spec(response_spec: Any, servable: Servable, signature: str) -> None:
+    response_spec.name = servable.name
+    response_spec.version.value = servable.version
+    response_spec.signature_name = signature
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, core: Core):
+        self.core = core
+
+    def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def handle() -> Any:
+            try:
+                inputs = {k: codec.to_numpy(v) for k, v in request.inputs.items()}
+            except codec.CodecError as e:
+                raise invalid(str(e)) from e
+            servable, sig, outputs = self.core.predict(
+                request.model_spec, inputs, tuple(request.output_filter)
+            )
+            response = predict_pb2.PredictResponse()
+            _spec(response.model_spec, servable, sig)
+            for key, value in outputs.items():
+                response.outputs[key].CopyFrom(
+                    codec.to_tensor_proto(value, tensor_pb2.TensorProto, as_fields=True)
+                )
+            return response
+
+        return _serve(self.core, request.model_spec.name, "predict", context, handle)
+
+    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def handle() -> Any:
+            servable, sig, outputs = self.core.infer_examples(
+                request.model_spec, CLASSIFY_METHOD, examples_of(request.input)
+            )
+            response = classification_pb2.ClassificationResponse()
+            _spec(response.model_spec, servable, sig)
+            response.result.CopyFrom(classifications(outputs))
+            return response
+
+        return _serve(self.core, request.model_spec.name, "classify", context, handle)
+
+    def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def handle() -> Any:
+            servable, sig, outputs = self.core.infer_examples(
+                request.model_spec, REGRESS_METHOD, examples_of(request.input)
+            )
+            response = regression_pb2.RegressionResponse()
+            _spec(response.model_spec, servable, sig)
+            response.result.CopyFrom(regressions(outputs))
+            return response
+
+        return _serve(self.core, request.model_spec.name, "regress", context, handle)
+
+    def MultiInference(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def handle() -> Any:
+            examples = examples_of(request.input)
+            response = inference_pb2.MultiInferenceResponse()
+            for task in request.tasks:
+                if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+                    raise invalid(f"Unsupported signature method_name: {task.method_name}")
+                servable, sig, outputs = self.core.infer_examples(
+                    task.model_spec, task.method_name, examples
+                )
+                result = response.results.add()
+                _spec(result.model_spec, servable, sig)
+                if task.method_name == CLASSIFY_METHOD:
+                    result.classification_result.CopyFrom(classifications(outputs))
+                else:
+                    result.regression_result.CopyFrom(regressions(outputs))
+            return response
+
+        name = request.tasks[0].model_spec.name if request.tasks else ""
+        return _serve(self.core, name, "multi_inference", context, handle)
+
+    def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def handle() -> Any:
+            return model_metadata(self.core.manager, request)
+
+        return _serve(self.core, request.model_spec.name, "metadata", context, handle)
+
+
+def model_metadata(manager: ModelManager, request: Any) -> Any:
+    if not request.metadata_field:
+        raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
+    for field_name in request.metadata_field:
+        if field_name != "signature_def":
+            raise invalid(f"Metadata field {field_name} is not supported")
+    servable = manager.resolve(request.model_spec)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = servable.name
+    response.model_spec.version.value = servable.version
+    sigs = get_model_metadata_pb2.SignatureDefMap()
+    for key, sig in servable.meta_graph.signature_def.items():
+        sigs.signature_def[key].CopyFrom(sig)
+    packed = any_pb2.Any()
+    packed.Pack(sigs)
+    response.metadata["signature_def"].CopyFrom(packed)
+    return response
+
+
+def model_status(manager: ModelManager, request: Any) -> Any:
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version, state in manager.status(request.model_spec):
+        status = response.model_version_status.add()
+        status.version = version
+        status.state = STATE_ENUM.Value(state.state)
+        status.status.error_code = _error_code(state.error_code)
+        status.status.error_message = state.error_message
+    return response
+
+
+def _error_code(name: str) -> int:
+    """tensorflow.error.Code numbers are the canonical gRPC status numbers."""
+    return {c.name: c.value[0] for c in grpc.StatusCode}.get(name, 2)
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, core: Core, on_reload: Callable[[Any], None]):
+        self.core = core
+        self.on_reload = on_reload
+
+    def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return _serve(self.core, request.model_spec.name, "status", context,
+                      lambda: model_status(self.core.manager, request), count=False)
+
+    def HandleReloadConfigRequest(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def handle() -> Any:
+            self.on_reload(request.config)
+            return model_management_pb2.ReloadConfigResponse()
+
+        return _serve(self.core, "", "reload", context, handle, count=False)
+
+
+def _serve(core: Core, model: str, api: str, context: grpc.ServicerContext,
+           handle: Callable[[], Any], count: bool = True) -> Any:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    try:
+        if not count:
+            return handle()
+        with core.measured(model, api, "GRPC"):
+            return handle()
+    except ServingError as e:
+        context.abort(e.code, e.message)
+    except Exception as e:  # noqa: BLE001 - a bug must not kill the server; report it
+        log.exception("%s failed", api)
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
