@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results import write_section  # noqa: E402
+from bench.results import write_section
 
 ROWS = 20_000
 
@@ -51,7 +51,9 @@ def peak_rss_mb(source: str, artifacts: Path, cfg: Path) -> tuple[float, float]:
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", CHILD, source, str(artifacts), str(cfg)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
         env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"},
         cwd=Path(__file__).resolve().parent.parent,
     )

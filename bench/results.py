@@ -36,8 +36,9 @@ def write_section(name: str, body: str) -> None:
         f"<!-- {name}:start -->\n## {name}\n\n_{stamp}, {machine()}_\n\n{body.strip()}\n"
         f"<!-- {name}:end -->\n"
     )
-    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->\n",
-                         re.S)
+    pattern = re.compile(
+        rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->\n", re.S
+    )
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
     RESULTS.write_text(text)
     print(section)

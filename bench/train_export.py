@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results import write_section  # noqa: E402
+from bench.results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,15 +33,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        sets = [f'artifacts="{root / "artifacts"}"', f'export.model_base_path="{root / "models"}"',
-                f'data.source="{root / "digits"}"']
+        sets = [
+            f'artifacts="{root / "artifacts"}"',
+            f'export.model_base_path="{root / "models"}"',
+            f'data.source="{root / "digits"}"',
+        ]
         args = [a for s in sets for a in ("--set", s)]
-        subprocess.run([sys.executable, "-m", "pipeline", "sample-data", "--out",
-                        str(root / "digits")], check=True, cwd=ROOT, env=env,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", "sample-data", "--out", str(root / "digits")],
+            check=True,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+        )
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", "pipeline.toml",
-                        *args], check=True, cwd=ROOT, env=env, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", "--config", "pipeline.toml", *args],
+            check=True,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+        )
         wall = time.perf_counter() - start
         run = (root / "artifacts" / "LATEST").read_text().strip()
         metrics = json.loads((root / "artifacts" / run / "metrics.json").read_text())

@@ -15,16 +15,16 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import keras  # noqa: E402
-import keras_tuner as kt  # noqa: E402
+import keras
+import keras_tuner as kt
 
-from bench.ingest_memory import make_csv  # noqa: E402
-from bench.results import median, write_section  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.datasets import load_spec, make_dataset, to_numpy  # noqa: E402
-from pipeline.ingest import ingest  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.sample_data import write_sample  # noqa: E402
+from bench.ingest_memory import make_csv
+from bench.results import median, write_section
+from pipeline.config import load_config
+from pipeline.datasets import load_spec, make_dataset, to_numpy
+from pipeline.ingest import ingest
+from pipeline.models import build_model
+from pipeline.sample_data import write_sample
 
 EPOCHS = 8
 BATCH = 64
@@ -48,8 +48,7 @@ def epoch_time(cfg, spec, data) -> float:
     timer = EpochTimer()
     if isinstance(data, tuple):
         x, y = data
-        model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=True, verbose=0,
-                  callbacks=[timer])
+        model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=True, verbose=0, callbacks=[timer])
     else:
         model.fit(data, epochs=EPOCHS, verbose=0, callbacks=[timer])
     return median(timer.times[1:])
@@ -57,8 +56,15 @@ def epoch_time(cfg, spec, data) -> float:
 
 def measure(name: str, source: Path, root: Path, task: str) -> tuple[str, float, float]:
     (root / "c.toml").write_text("")
-    cfg = load_config(root / "c.toml", [f'data.source="{source}"', f'artifacts="{root / name}"',
-                                        f"model.task={task}", f"train.batch_size={BATCH}"])
+    cfg = load_config(
+        root / "c.toml",
+        [
+            f'data.source="{source}"',
+            f'artifacts="{root / name}"',
+            f"model.task={task}",
+            f"train.batch_size={BATCH}",
+        ],
+    )
     result = ingest(cfg)
     spec = load_spec(result.run_dir)
     ours = make_dataset(spec, "train", batch_size=BATCH, shuffle=True, seed=0)
@@ -83,11 +89,16 @@ def main() -> None:
                 parts = line.rstrip("\n").split(",")
                 dst.write(",".join(parts[:4] + parts[5:]) + "\n")
         rows.append(measure("tabular MLP (50k rows, 4 numeric)", num, root, "binary"))
-    lines = ["| model | pipeline epoch (s) | numpy model.fit epoch (s) | ratio |", "|---|---|---|---|"]
+    lines = [
+        "| model | pipeline epoch (s) | numpy model.fit epoch (s) | ratio |",
+        "|---|---|---|---|",
+    ]
     for name, ours, base in rows:
         lines.append(f"| {name} | {ours:.3f} | {base:.3f} | **{ours / base:.2f}** |")
-    body = (f"Median epoch time over epochs 2–{EPOCHS}, batch {BATCH}, same model and data. "
-            "Goal: ratio ≤ 1.10.\n\n" + "\n".join(lines))
+    body = (
+        f"Median epoch time over epochs 2–{EPOCHS}, batch {BATCH}, same model and data. "
+        "Goal: ratio ≤ 1.10.\n\n" + "\n".join(lines)
+    )
     write_section("Training throughput", body)
 
 

@@ -109,8 +109,9 @@ def numpy_dtype(code: int) -> Any:
         raise CodecError(f"unsupported tensor dtype {NAMES.get(code, code)}") from None
 
 
-def to_tensor_proto(value: Any, proto_cls: Any, *, dtype: int | None = None,
-                    as_fields: bool = False) -> Any:
+def to_tensor_proto(
+    value: Any, proto_cls: Any, *, dtype: int | None = None, as_fields: bool = False
+) -> Any:
     """Encode ``value`` (array-like) as a TensorProto of class ``proto_cls``.
 
     Args:
@@ -138,8 +139,9 @@ def to_tensor_proto(value: Any, proto_cls: Any, *, dtype: int | None = None,
             raise CodecError(f"cannot encode strings as {NAMES.get(code, code)}")
         arr = arr.astype(target)
     if not as_fields:
-        proto.tensor_content = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"),
-                                                                copy=False).tobytes()
+        proto.tensor_content = (
+            np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        )
         return proto
     field = getattr(proto, _FIELD[code])
     flat = arr.ravel()
@@ -172,8 +174,11 @@ def to_numpy(proto: Any) -> np.ndarray:
                 f"tensor_content has {len(proto.tensor_content)} bytes, shape {list(shape)} of "
                 f"{NAMES[code]} needs {expected}"
             )
-        return np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(
-            dtype, copy=False).reshape(shape)
+        return (
+            np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<"))
+            .astype(dtype, copy=False)
+            .reshape(shape)
+        )
     field = getattr(proto, _FIELD[code])
     if code in (DT_HALF, DT_BFLOAT16):
         arr = np.asarray(field, dtype=np.int32).astype(np.uint16).view(dtype)

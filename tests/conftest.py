@@ -91,3 +91,49 @@ def image_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def binary_csv(tmp_path: Path) -> Path:
     return write_csv(tmp_path / "binary.csv", ["x1", "x2", "color", "label"], tabular_rows(120))
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory):
+    from tests.servables import Library
+
+    return Library(tmp_path_factory.mktemp("servables"))
+
+
+@pytest.fixture
+def serve():
+    """``serve(*flags)`` starts an embedded server on free loopback ports; stopped afterwards."""
+    from serving.server.options import options_from_args
+    from serving.server.server import ModelServer
+
+    servers = []
+
+    def start(*flags: str):
+        argv = [
+            "--port",
+            "0",
+            "--rest_api_port",
+            str(free_port()),
+            "--file_system_poll_wait_seconds",
+            "0.1",
+            *flags,
+        ]
+        server = ModelServer(options_from_args(argv))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace=0)

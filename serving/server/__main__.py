@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -12,8 +13,11 @@ from serving.server.options import OptionsError, options_from_args
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         options = options_from_args(argv)
         from serving.server.server import ModelServer
@@ -25,10 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     # Containers stop us with SIGTERM: finish in-flight requests, then exit.
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.wait()
-    except KeyboardInterrupt:
-        pass
     server.stop()
     return 0
 

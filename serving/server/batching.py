@@ -67,8 +67,13 @@ class Batcher:
             self._stopped = True
             self._cond.notify_all()
 
-    def submit(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
-               output_filter: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def submit(
+        self,
+        servable: Servable,
+        signature: str,
+        inputs: dict[str, np.ndarray],
+        output_filter: tuple[str, ...],
+    ) -> dict[str, np.ndarray]:
         """Run ``inputs`` as part of a batch; block until its share of the outputs is ready."""
         rows = {v.shape[0] for v in inputs.values() if v.ndim}
         if len(rows) != 1:
@@ -81,7 +86,9 @@ class Batcher:
                 f"{self.params.max_batch_size}"
             )
         key = (
-            id(servable), signature, output_filter,
+            id(servable),
+            signature,
+            output_filter,
             tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items())),
         )
         task = _Task(inputs, n)
@@ -140,13 +147,17 @@ class Batcher:
 
     def _run(self, batch: _Batch) -> None:
         try:
-            inputs = {k: np.concatenate([t.inputs[k] for t in batch.tasks])
-                      for k in batch.tasks[0].inputs}
-            target = next((s for s in self.params.allowed_batch_sizes if s >= batch.rows),
-                          batch.rows)
+            inputs = {
+                k: np.concatenate([t.inputs[k] for t in batch.tasks]) for k in batch.tasks[0].inputs
+            }
+            target = next(
+                (s for s in self.params.allowed_batch_sizes if s >= batch.rows), batch.rows
+            )
             if target > batch.rows:
-                inputs = {k: np.concatenate([v, np.repeat(v[:1], target - batch.rows, axis=0)])
-                          for k, v in inputs.items()}
+                inputs = {
+                    k: np.concatenate([v, np.repeat(v[:1], target - batch.rows, axis=0)])
+                    for k, v in inputs.items()
+                }
             outputs = batch.servable.run(batch.signature, inputs, batch.output_filter)
             start = 0
             for task in batch.tasks:

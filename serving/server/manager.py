@@ -75,8 +75,14 @@ def aspired(policy: Any, available: dict[int, Path]) -> set[int]:
 class ModelManager:
     """Loads, serves and unloads model versions; answers servable lookups."""
 
-    def __init__(self, metrics: Metrics, *, allow_unavailable_labels: bool = False,
-                 poll_seconds: float = 1.0, warmup: bool = True):
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        allow_unavailable_labels: bool = False,
+        poll_seconds: float = 1.0,
+        warmup: bool = True,
+    ):
         self.metrics = metrics
         self.allow_unavailable_labels = allow_unavailable_labels
         self.poll_seconds = poll_seconds
@@ -107,8 +113,8 @@ class ModelManager:
             for name in list(self._models):
                 if name not in configs:
                     log.info("model %s removed from the config: unloading", name)
-                    model = self._models.pop(name)
-                    for state in model.versions.values():
+                    removed = self._models.pop(name)
+                    for state in removed.versions.values():
                         state.state, state.servable = END, None
             for name, mc in configs.items():
                 model = self._models.get(name)
@@ -119,19 +125,22 @@ class ModelManager:
         if wait_for_new:
             self.reconcile()
         with self._lock:
+            # Check every label before moving any, so a refused config changes no label.
             for name, mc in configs.items():
-                self._set_labels(self._models[name], dict(mc.version_labels))
+                self._check_labels(self._models[name], dict(mc.version_labels))
+            for name, mc in configs.items():
+                self._models[name].labels = dict(mc.version_labels)
 
-    def _set_labels(self, model: Model, labels: dict[str, int]) -> None:
-        if not self.allow_unavailable_labels:
-            for label, version in labels.items():
-                state = model.versions.get(version)
-                if state is None or state.state != AVAILABLE:
-                    raise failed_precondition(
-                        f"Request to assign label to version {version} of model {model.name}, "
-                        "which is not currently available for inference."
-                    )
-        model.labels = labels
+    def _check_labels(self, model: Model, labels: dict[str, int]) -> None:
+        if self.allow_unavailable_labels:
+            return
+        for version in labels.values():
+            state = model.versions.get(version)
+            if state is None or state.state != AVAILABLE:
+                raise failed_precondition(
+                    f"Request to assign label to version {version} of model {model.name}, "
+                    "which is not currently available for inference."
+                )
 
     # --- the version poller ----------------------------------------------------------------
     def start(self) -> None:
@@ -147,7 +156,7 @@ class ModelManager:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.reconcile()
-            except Exception:  # noqa: BLE001 - the poller must survive any one bad pass
+            except Exception:
                 log.exception("version poll failed; retrying in %.1fs", self.poll_seconds)
 
     def reconcile(self) -> None:
@@ -211,8 +220,9 @@ class ModelManager:
         with self._lock:
             state.servable, state.state = servable, AVAILABLE
             state.failed_mtime = None
-        log.info("%s version %d AVAILABLE (%.2fs)", model.name, version,
-                 time.perf_counter() - start)
+        log.info(
+            "%s version %d AVAILABLE (%.2fs)", model.name, version, time.perf_counter() - start
+        )
 
     # --- lookups ---------------------------------------------------------------------------
     def resolve(self, model_spec: Any) -> Servable:
@@ -301,4 +311,3 @@ def _mtime(path: Path) -> float:
         return max(p.stat().st_mtime for p in [path, *path.rglob("*")])
     except OSError:
         return 0.0
-

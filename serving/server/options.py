@@ -54,7 +54,9 @@ def _build_config_messages() -> dict[str, Any]:
             ("max_execution_batch_size", T.TYPE_MESSAGE, opt, i64),
         ],
     )
-    message("PrometheusConfig", [("enable", T.TYPE_BOOL, opt, ""), ("path", T.TYPE_STRING, opt, "")])
+    message(
+        "PrometheusConfig", [("enable", T.TYPE_BOOL, opt, ""), ("path", T.TYPE_STRING, opt, "")]
+    )
     message(
         "MonitoringConfig",
         [("prometheus_config", T.TYPE_MESSAGE, opt, ".tfserving_pipeline.PrometheusConfig")],
@@ -74,7 +76,9 @@ def _build_config_messages() -> dict[str, Any]:
     pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(fdp)
     return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tfserving_pipeline.{name}"))
+        name: message_factory.GetMessageClass(
+            pool.FindMessageTypeByName(f"tfserving_pipeline.{name}")
+        )
         for name in ("BatchingParameters", "MonitoringConfig", "SSLConfig")
     }
 
@@ -131,9 +135,7 @@ def parse_text(path: str, message: Any, flag: str) -> Any:
 
 
 def read_model_config(path: str) -> Any:
-    config = parse_text(
-        path, model_server_config_pb2.ModelServerConfig(), "--model_config_file"
-    )
+    config = parse_text(path, model_server_config_pb2.ModelServerConfig(), "--model_config_file")
     check_model_config(config, f"--model_config_file {path}")
     return config
 
@@ -175,33 +177,68 @@ def parser() -> argparse.ArgumentParser:
             "and the REST API). Takes tensorflow_model_server's flags."
         ),
     )
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)",
+    )
     p.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
-    p.add_argument("--rest_api_port", type=int, default=8501,
-                   help="HTTP/REST port (default 8501; 0 disables REST)")
+    p.add_argument(
+        "--rest_api_port",
+        type=int,
+        default=8501,
+        help="HTTP/REST port (default 8501; 0 disables REST)",
+    )
     p.add_argument("--model_name", default="", help="name of the single model to serve")
-    p.add_argument("--model_base_path", default="",
-                   help="directory of the single model's numbered versions")
-    p.add_argument("--model_config_file", default="",
-                   help="ModelServerConfig text proto (overrides --model_name/--model_base_path)")
-    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0,
-                   help="re-read --model_config_file this often (0 = never)")
-    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1,
-                   help="look for new versions this often (default 1)")
-    p.add_argument("--enable_batching", action="store_true",
-                   help="merge concurrent Predict calls into one model call")
-    p.add_argument("--batching_parameters_file", default="",
-                   help="BatchingParameters text proto")
-    p.add_argument("--monitoring_config_file", default="",
-                   help="MonitoringConfig text proto (Prometheus endpoint)")
+    p.add_argument(
+        "--model_base_path", default="", help="directory of the single model's numbered versions"
+    )
+    p.add_argument(
+        "--model_config_file",
+        default="",
+        help="ModelServerConfig text proto (overrides --model_name/--model_base_path)",
+    )
+    p.add_argument(
+        "--model_config_file_poll_wait_seconds",
+        type=float,
+        default=0,
+        help="re-read --model_config_file this often (0 = never)",
+    )
+    p.add_argument(
+        "--file_system_poll_wait_seconds",
+        type=float,
+        default=1,
+        help="look for new versions this often (default 1)",
+    )
+    p.add_argument(
+        "--enable_batching",
+        action="store_true",
+        help="merge concurrent Predict calls into one model call",
+    )
+    p.add_argument("--batching_parameters_file", default="", help="BatchingParameters text proto")
+    p.add_argument(
+        "--monitoring_config_file",
+        default="",
+        help="MonitoringConfig text proto (Prometheus endpoint)",
+    )
     p.add_argument("--ssl_config_file", default="", help="SSLConfig text proto (PEM contents)")
-    p.add_argument("--grpc_max_threads", type=int, default=16,
-                   help="threads serving gRPC requests (default 16)")
-    p.add_argument("--max_request_size_bytes", type=int, default=256 << 20,
-                   help="largest accepted request (default 256 MiB)")
-    p.add_argument("--allow_version_labels_for_unavailable_models", action="store_true",
-                   help="allow a label to point to a version that is not AVAILABLE")
+    p.add_argument(
+        "--grpc_max_threads",
+        type=int,
+        default=16,
+        help="threads serving gRPC requests (default 16)",
+    )
+    p.add_argument(
+        "--max_request_size_bytes",
+        type=int,
+        default=256 << 20,
+        help="largest accepted request (default 256 MiB)",
+    )
+    p.add_argument(
+        "--allow_version_labels_for_unavailable_models",
+        action="store_true",
+        help="allow a label to point to a version that is not AVAILABLE",
+    )
     return p
 
 
@@ -232,28 +269,36 @@ def options_from_args(argv: list[str] | None = None) -> ServerOptions:
     if args.enable_batching:
         batching = Batching()
         if args.batching_parameters_file:
-            b = parse_text(args.batching_parameters_file, MESSAGES["BatchingParameters"](),
-                           "--batching_parameters_file")
+            b = parse_text(
+                args.batching_parameters_file,
+                MESSAGES["BatchingParameters"](),
+                "--batching_parameters_file",
+            )
             batching = Batching(
                 max_batch_size=b.max_batch_size.value if b.HasField("max_batch_size") else 1000,
                 batch_timeout_micros=b.batch_timeout_micros.value,
-                max_enqueued_batches=(b.max_enqueued_batches.value
-                                      if b.HasField("max_enqueued_batches") else 10),
-                num_batch_threads=(b.num_batch_threads.value
-                                   if b.HasField("num_batch_threads") else 4),
+                max_enqueued_batches=(
+                    b.max_enqueued_batches.value if b.HasField("max_enqueued_batches") else 10
+                ),
+                num_batch_threads=(
+                    b.num_batch_threads.value if b.HasField("num_batch_threads") else 4
+                ),
                 allowed_batch_sizes=tuple(b.allowed_batch_sizes),
                 pad_variable_length_inputs=b.pad_variable_length_inputs,
             )
             sizes = batching.allowed_batch_sizes
-            if sizes and (list(sizes) != sorted(set(sizes)) or sizes[-1] != batching.max_batch_size):
+            if sizes and (
+                list(sizes) != sorted(set(sizes)) or sizes[-1] != batching.max_batch_size
+            ):
                 raise OptionsError(
                     "--batching_parameters_file: allowed_batch_sizes must increase and end with "
                     f"max_batch_size ({batching.max_batch_size}); got {list(sizes)}"
                 )
     metrics_path = ""
     if args.monitoring_config_file:
-        m = parse_text(args.monitoring_config_file, MESSAGES["MonitoringConfig"](),
-                       "--monitoring_config_file")
+        m = parse_text(
+            args.monitoring_config_file, MESSAGES["MonitoringConfig"](), "--monitoring_config_file"
+        )
         if m.prometheus_config.enable:
             metrics_path = m.prometheus_config.path or "/monitoring/prometheus/metrics"
     tls = None

@@ -62,7 +62,7 @@ def _decode_value(value: Any, dtype: int, where: str) -> Any:
     if dtype == codec.DT_STRING:
         if isinstance(value, dict):
             if set(value) != {"b64"} or not isinstance(value["b64"], str):
-                raise invalid(f"{where}: a binary value must be {{\"b64\": \"...\"}}")
+                raise invalid(f'{where}: a binary value must be {{"b64": "..."}}')
             try:
                 return base64.b64decode(value["b64"], validate=True)
             except ValueError as e:
@@ -87,44 +87,52 @@ def _to_array(value: Any, dtype: int, where: str) -> np.ndarray:
             return arr
         return np.array(decoded, dtype=codec.numpy_dtype(dtype))
     except (ValueError, OverflowError) as e:
-        raise invalid(f"{where}: values do not form a tensor of "
-                      f"{codec.NAMES.get(dtype, dtype)}: {e}") from e
+        raise invalid(
+            f"{where}: values do not form a tensor of {codec.NAMES.get(dtype, dtype)}: {e}"
+        ) from e
 
 
-def parse_predict(body: dict[str, Any], sig_inputs: dict[str, int]) -> tuple[dict[str, np.ndarray],
-                                                                          str]:
+def parse_predict(
+    body: dict[str, Any], sig_inputs: dict[str, int]
+) -> tuple[dict[str, np.ndarray], str]:
     """JSON body → input arrays (typed by the signature) and the format ("row"/"columnar")."""
     has_rows, has_cols = "instances" in body, "inputs" in body
     if has_rows == has_cols:
-        raise invalid("Missing 'inputs' or 'instances' key" if not has_rows else
-                      "Not allowed to have both 'inputs' and 'instances' keys in the request")
+        raise invalid(
+            "Missing 'inputs' or 'instances' key"
+            if not has_rows
+            else "Not allowed to have both 'inputs' and 'instances' keys in the request"
+        )
     if has_rows:
         rows = body["instances"]
         if not isinstance(rows, list) or not rows:
             raise invalid("'instances' must be a non-empty list")
-        if len(sig_inputs) == 1 and not all(isinstance(r, dict) and set(r) == set(sig_inputs)
-                                            for r in rows):
-            (name, dtype), = sig_inputs.items()
+        if len(sig_inputs) == 1 and not all(
+            isinstance(r, dict) and set(r) == set(sig_inputs) for r in rows
+        ):
+            ((name, dtype),) = sig_inputs.items()
             return {name: _to_array(rows, dtype, f"instances ({name})")}, "row"
         out = {}
         for name, dtype in sig_inputs.items():
             values = []
             for i, row in enumerate(rows):
                 if not isinstance(row, dict):
-                    raise invalid(f"instances[{i}]: expected an object with keys "
-                                  f"{sorted(sig_inputs)}")
+                    raise invalid(
+                        f"instances[{i}]: expected an object with keys {sorted(sig_inputs)}"
+                    )
                 if name not in row:
                     raise invalid(f"instances[{i}]: missing named input '{name}'")
                 values.append(row[name])
             extra = set().union(*(set(r) for r in rows)) - set(sig_inputs)
             if extra:
-                raise invalid(f"instances: unknown inputs {sorted(extra)}; expected "
-                              f"{sorted(sig_inputs)}")
+                raise invalid(
+                    f"instances: unknown inputs {sorted(extra)}; expected {sorted(sig_inputs)}"
+                )
             out[name] = _to_array(values, dtype, f"instances ({name})")
         return out, "row"
     cols = body["inputs"]
     if len(sig_inputs) == 1 and not (isinstance(cols, dict) and set(cols) == set(sig_inputs)):
-        (name, dtype), = sig_inputs.items()
+        ((name, dtype),) = sig_inputs.items()
         return {name: _to_array(cols, dtype, f"inputs ({name})")}, "columnar"
     if not isinstance(cols, dict):
         raise invalid(f"'inputs' must be an object with keys {sorted(sig_inputs)}")
@@ -137,8 +145,11 @@ def parse_predict(body: dict[str, Any], sig_inputs: dict[str, int]) -> tuple[dic
 def _json_value(name: str, arr: np.ndarray) -> Any:
     if arr.dtype == object:
         flat = [
-            {"b64": base64.b64encode(v).decode()} if name.endswith("_bytes")
-            else v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v
+            {"b64": base64.b64encode(v).decode()}
+            if name.endswith("_bytes")
+            else v.decode("utf-8", errors="replace")
+            if isinstance(v, bytes)
+            else v
             for v in arr.ravel().tolist()
         ]
         return np.array(flat, dtype=object).reshape(arr.shape).tolist()
@@ -150,16 +161,18 @@ def _json_value(name: str, arr: np.ndarray) -> Any:
 def format_predict(outputs: dict[str, np.ndarray], fmt: str) -> dict[str, Any]:
     if fmt == "columnar":
         if len(outputs) == 1:
-            (name, value), = outputs.items()
+            ((name, value),) = outputs.items()
             return {"outputs": _json_value(name, value)}
         return {"outputs": {k: _json_value(k, v) for k, v in outputs.items()}}
     if len(outputs) == 1:
-        (name, value), = outputs.items()
+        ((name, value),) = outputs.items()
         return {"predictions": _json_value(name, value)}
-    sizes = {v.shape[0] if v.ndim else None for v in outputs.values()}
-    if len(sizes) != 1 or None in sizes:
-        raise invalid("Output tensors have different batch sizes (or are scalars); use the "
-                      "columnar format ('inputs') for this signature")
+    sizes = {v.shape[0] if v.ndim else -1 for v in outputs.values()}
+    if len(sizes) != 1 or -1 in sizes:
+        raise invalid(
+            "Output tensors have different batch sizes (or are scalars); use the "
+            "columnar format ('inputs') for this signature"
+        )
     n = sizes.pop()
     columns = {k: _json_value(k, v) for k, v in outputs.items()}
     return {"predictions": [{k: columns[k][i] for k in columns} for i in range(n)]}
@@ -183,8 +196,9 @@ def examples_from_json(body: dict[str, Any]) -> list[bytes]:
         features = {}
         for name, value in {**context, **ex}.items():
             features[name] = _feature(value, f"examples[{i}].{name}")
-        out.append(tf.train.Example(features=tf.train.Features(feature=features))
-                   .SerializeToString())
+        out.append(
+            tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+        )
     return out
 
 
@@ -205,8 +219,9 @@ def _feature(value: Any, where: str) -> Any:
 class RestServer:
     """The REST API on its own port, served by a thread per connection."""
 
-    def __init__(self, core: Core, host: str, port: int, *, metrics_path: str,
-                 max_request_bytes: int):
+    def __init__(
+        self, core: Core, host: str, port: int, *, metrics_path: str, max_request_bytes: int
+    ):
         self.core = core
         self.metrics_path = metrics_path
         self.max_request_bytes = max_request_bytes
@@ -214,8 +229,7 @@ class RestServer:
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="rest",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="rest", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -243,10 +257,14 @@ class RestServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length > server.max_request_bytes:
-                    self._error(ServingError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"Request of {length} bytes is larger than the maximum "
-                        f"{server.max_request_bytes}"), close=True)
+                    self._error(
+                        ServingError(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"Request of {length} bytes is larger than the maximum "
+                            f"{server.max_request_bytes}",
+                        ),
+                        close=True,
+                    )
                     return
                 body = self.rfile.read(length)
                 self._dispatch("POST", self.path.split("?", 1)[0], body)
@@ -257,7 +275,7 @@ class RestServer:
                 except ServingError as e:
                     self._error(e)
                     return
-                except Exception as e:  # noqa: BLE001 - report, keep serving
+                except Exception as e:
                     log.exception("REST %s %s failed", method, path)
                     self._error(ServingError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
                     return
@@ -266,8 +284,9 @@ class RestServer:
             def _error(self, e: ServingError, close: bool = False) -> None:
                 if close:
                     self.close_connection = True
-                self._send(e.http_status, json.dumps({"error": e.message}).encode(),
-                           "application/json")
+                self._send(
+                    e.http_status, json.dumps({"error": e.message}).encode(), "application/json"
+                )
 
             def _send(self, status: int, payload: bytes, content_type: str) -> None:
                 self.send_response(status)
@@ -308,7 +327,8 @@ class RestServer:
         spec = model_spec(name, version, label)
         if sub:
             request = get_model_metadata_pb2.GetModelMetadataRequest(
-                model_spec=spec, metadata_field=["signature_def"])
+                model_spec=spec, metadata_field=["signature_def"]
+            )
             response = model_metadata(self.core.manager, request)
             sigs = get_model_metadata_pb2.SignatureDefMap()
             response.metadata["signature_def"].Unpack(sigs)
@@ -316,8 +336,9 @@ class RestServer:
                 "model_spec": _to_dict(response.model_spec),
                 "metadata": {"signature_def": _to_dict(sigs)},
             }
-        status = model_status(self.core.manager,
-                              get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
+        status = model_status(
+            self.core.manager, get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
+        )
         return _to_dict(status)
 
     def _infer(self, verb: str, spec: Any, data: dict[str, Any]) -> dict[str, Any]:
@@ -331,11 +352,15 @@ class RestServer:
         _, _, outputs = self.core.infer_examples(spec, method, examples_from_json(data))
         if verb == "classify":
             result = classifications(outputs)
-            return {"result": [[[c.label, c.score] for c in item.classes]
-                               for item in result.classifications]}
+            return {
+                "result": [
+                    [[c.label, c.score] for c in item.classes] for item in result.classifications
+                ]
+            }
         return {"result": [r.value for r in regressions(outputs).regressions]}
 
 
 def _to_dict(message: Any) -> Any:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

@@ -102,8 +102,12 @@ class Servable:
             tensors[key] = value
         return tensors
 
-    def run(self, signature_name: str, inputs: dict[str, Any],
-            output_filter: list[str] | tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    def run(
+        self,
+        signature_name: str,
+        inputs: dict[str, Any],
+        output_filter: list[str] | tuple[str, ...] = (),
+    ) -> dict[str, np.ndarray]:
         """Call a signature with checked inputs; return the (filtered) outputs as numpy."""
         sig = self.signature(signature_name)
         if output_filter:
@@ -128,8 +132,9 @@ class Servable:
         keys = list(output_filter) or list(out)
         return {k: out[k].numpy() for k in keys}
 
-    def run_examples(self, signature_name: str, method: str,
-                     examples: list[bytes]) -> dict[str, np.ndarray]:
+    def run_examples(
+        self, signature_name: str, method: str, examples: list[bytes]
+    ) -> dict[str, np.ndarray]:
         """Classify/Regress: serialized tf.Examples through a classify/regress signature."""
         name = signature_name or "serving_default"
         sig = self.signature(name)
@@ -172,8 +177,13 @@ class Servable:
             else:
                 raise ValueError(f"warmup record {count}: unsupported log type {kind}")
             count += 1
-        log.info("%s/%d: %d warmup requests in %.2fs", self.name, self.version, count,
-                 time.perf_counter() - start)
+        log.info(
+            "%s/%d: %d warmup requests in %.2fs",
+            self.name,
+            self.version,
+            count,
+            time.perf_counter() - start,
+        )
         return count
 
 

@@ -15,7 +15,12 @@ from serving.server.batching import Batcher
 from serving.server.errors import invalid
 from serving.server.manager import ModelManager
 from serving.server.metrics import Metrics
-from serving.server.options import OptionsError, ServerOptions, check_model_config, read_model_config
+from serving.server.options import (
+    OptionsError,
+    ServerOptions,
+    check_model_config,
+    read_model_config,
+)
 from serving.server.rest import RestServer
 from serving.server.service import Core, ModelService, PredictionService
 
@@ -40,17 +45,20 @@ class ModelServer:
         self._stop = threading.Event()
         limit = options.max_request_size_bytes
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads,
-                                       thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=options.grpc_max_threads, thread_name_prefix="grpc"
+            ),
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
             ],
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionService(self.core), self.grpc_server)
+            PredictionService(self.core), self.grpc_server
+        )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelService(self.core, self.reload), self.grpc_server)
+            ModelService(self.core, self.reload), self.grpc_server
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         address = f"{options.host}:{options.port}"
@@ -69,13 +77,18 @@ class ModelServer:
         self.rest: RestServer | None = None
         if options.rest_api_port:
             try:
-                self.rest = RestServer(self.core, options.host, options.rest_api_port,
-                                       metrics_path=options.metrics_path,
-                                       max_request_bytes=options.max_request_size_bytes)
+                self.rest = RestServer(
+                    self.core,
+                    options.host,
+                    options.rest_api_port,
+                    metrics_path=options.metrics_path,
+                    max_request_bytes=options.max_request_size_bytes,
+                )
             except OSError as e:
                 raise OptionsError(
                     f"--rest_api_port: cannot bind {options.host}:{options.rest_api_port}: "
-                    f"{e.strerror}") from e
+                    f"{e.strerror}"
+                ) from e
         self.rest_port = self.rest.port if self.rest else 0
         self._threads: list[threading.Thread] = []
 
@@ -93,8 +106,12 @@ class ModelServer:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving gRPC on %s:%d, REST on %s", self.options.host, self.port,
-                 f"{self.options.host}:{self.rest_port}" if self.rest else "(off)")
+        log.info(
+            "serving gRPC on %s:%d, REST on %s",
+            self.options.host,
+            self.port,
+            f"{self.options.host}:{self.rest_port}" if self.rest else "(off)",
+        )
 
     def reload(self, config: Any) -> None:
         """Replace the whole config (HandleReloadConfigRequest or a changed config file)."""

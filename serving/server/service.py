@@ -63,8 +63,9 @@ class Core:
         finally:
             self.metrics.request(model, api, entrypoint, status, time.perf_counter() - start)
 
-    def predict(self, model_spec: Any, inputs: dict[str, np.ndarray],
-                output_filter: tuple[str, ...]) -> tuple[Servable, str, dict[str, np.ndarray]]:
+    def predict(
+        self, model_spec: Any, inputs: dict[str, np.ndarray], output_filter: tuple[str, ...]
+    ) -> tuple[Servable, str, dict[str, np.ndarray]]:
         servable = self.manager.resolve(model_spec)
         signature = model_spec.signature_name or "serving_default"
         checked = servable.check_inputs(signature, inputs)
@@ -74,8 +75,9 @@ class Core:
             outputs = servable.run(signature, checked, output_filter)
         return servable, signature, outputs
 
-    def infer_examples(self, model_spec: Any, method: str,
-                       examples: list[bytes]) -> tuple[Servable, str, dict[str, np.ndarray]]:
+    def infer_examples(
+        self, model_spec: Any, method: str, examples: list[bytes]
+    ) -> tuple[Servable, str, dict[str, np.ndarray]]:
         servable = self.manager.resolve(model_spec)
         signature = model_spec.signature_name or "serving_default"
         return servable, signature, servable.run_examples(signature, method, examples)
@@ -86,7 +88,7 @@ def classifications(outputs: dict[str, np.ndarray]) -> Any:
     result = classification_pb2.ClassificationResult()
     classes = outputs.get("classes")
     scores = outputs.get("scores")
-    rows = (classes if classes is not None else scores)
+    rows = classes if classes is not None else scores
     if rows is None:
         raise invalid("classification signature has neither 'classes' nor 'scores' outputs")
     for i in range(rows.shape[0]):
@@ -234,8 +236,14 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.on_reload = on_reload
 
     def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return _serve(self.core, request.model_spec.name, "status", context,
-                      lambda: model_status(self.core.manager, request), count=False)
+        return _serve(
+            self.core,
+            request.model_spec.name,
+            "status",
+            context,
+            lambda: model_status(self.core.manager, request),
+            count=False,
+        )
 
     def HandleReloadConfigRequest(self, request: Any, context: grpc.ServicerContext) -> Any:
         def handle() -> Any:
@@ -245,8 +253,14 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return _serve(self.core, "", "reload", context, handle, count=False)
 
 
-def _serve(core: Core, model: str, api: str, context: grpc.ServicerContext,
-           handle: Callable[[], Any], count: bool = True) -> Any:
+def _serve(
+    core: Core,
+    model: str,
+    api: str,
+    context: grpc.ServicerContext,
+    handle: Callable[[], Any],
+    count: bool = True,
+) -> Any:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
@@ -257,6 +271,6 @@ def _serve(core: Core, model: str, api: str, context: grpc.ServicerContext,
             return handle()
     except ServingError as e:
         context.abort(e.code, e.message)
-    except Exception as e:  # noqa: BLE001 - a bug must not kill the server; report it
+    except Exception as e:
         log.exception("%s failed", api)
         context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")

@@ -1,0 +1,102 @@
+"""Tiny SavedModel versions for server and client tests (built once per session, then copied).
+
+Version N answers ``y = x * 2 + N`` so every response says which version produced it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+from pipeline.export import CLASSIFY_METHOD, REGRESS_METHOD, set_method_names
+
+
+class _Tiny(tf.Module):
+    def __init__(self, version: int):
+        super().__init__()
+        self.bias = tf.Variable(float(version))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+    def predict(self, x):
+        y = x * 2.0 + self.bias
+        label = tf.where(tf.reduce_sum(y, axis=1) > 0, "pos", "neg")
+        return {"y": y, "label": label, "version": tf.fill(tf.shape(x)[:1], self.bias)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def echo(self, text):
+        return {"text_bytes": text, "length": tf.strings.length(text)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32, name="n")])
+    def spin(self, n):
+        """Busy for n[0] small matrix products: a slow request for deadline tests."""
+        m = tf.eye(64)
+        i, m = tf.while_loop(
+            lambda i, m: i < n[0], lambda i, m: (i + 1, tf.matmul(m, m)), [tf.constant(0), m]
+        )
+        return {"iterations": tf.fill(tf.shape(n), i)}
+
+    def _parse(self, inputs):
+        parsed = tf.io.parse_example(inputs, {"x": tf.io.FixedLenFeature([2], tf.float32)})
+        return tf.reduce_sum(parsed["x"], axis=1) + self.bias
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(self, inputs):
+        s = tf.sigmoid(self._parse(inputs))
+        scores = tf.stack([1 - s, s], axis=1)
+        classes = tf.tile(tf.constant([["neg", "pos"]]), [tf.shape(inputs)[0], 1])
+        return {"classes": classes, "scores": scores}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def regress(self, inputs):
+        return {"outputs": self._parse(inputs)}
+
+
+def build(path: Path, version: int, warmup: str = "ok") -> Path:
+    """Write version ``version`` into ``path`` (warmup: "ok", "none" or "broken")."""
+    module = _Tiny(version)
+    tf.saved_model.save(
+        module,
+        str(path),
+        signatures={
+            "serving_default": module.predict,
+            "echo": module.echo,
+            "spin": module.spin,
+            "classification": module.classify,
+            "regression": module.regress,
+        },
+    )
+    set_method_names(path, {"classification": CLASSIFY_METHOD, "regression": REGRESS_METHOD})
+    if warmup != "none":
+        (path / "assets.extra").mkdir(exist_ok=True)
+        with tf.io.TFRecordWriter(str(path / "assets.extra/tf_serving_warmup_requests")) as w:
+            req = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="tiny"))
+            name = "x" if warmup == "ok" else "no_such_input"
+            req.inputs[name].CopyFrom(tf.make_tensor_proto(np.ones((1, 2), np.float32)))
+            w.write(
+                prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=req)
+                ).SerializeToString()
+            )
+    return path
+
+
+class Library:
+    """Versions built once; :meth:`copy` places one under a model base path."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._built: dict[tuple[int, str], Path] = {}
+
+    def copy(self, base: Path, version: int, warmup: str = "ok") -> Path:
+        key = (version, warmup)
+        if key not in self._built:
+            self._built[key] = build(self.root / f"{version}-{warmup}", version, warmup)
+        dest = base / str(version)
+        tmp = base / f".tmp-{version}"
+        shutil.copytree(self._built[key], tmp)
+        tmp.rename(dest)  # like the exporter: the server never sees a half-copied version
+        return dest
