@@ -10,7 +10,7 @@ CONFIG ?= pipeline.toml
 ARGS   ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help venv data ingest tune train evaluate export run test test-fast lint bench clean
+.PHONY: help venv data ingest tune train evaluate export run serve test test-fast lint bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,14 @@ export: $(STAMP)  ## publish the newest run's model as models/NAME/VERSION
 
 run: data/digits $(STAMP)  ## every stage, ingest to export
 	$(PY) -m pipeline run --config $(CONFIG) $(ARGS)
+
+MODEL_NAME ?= digits
+PORT       ?= 8500
+REST_PORT  ?= 8501
+
+serve: $(STAMP)  ## embedded TF-Serving-compatible server for models/$(MODEL_NAME) (gRPC 8500, REST 8501)
+	$(PY) -m serving.server --port $(PORT) --rest_api_port $(REST_PORT) \
+		--model_name $(MODEL_NAME) --model_base_path models/$(MODEL_NAME) $(ARGS)
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest
