@@ -71,9 +71,19 @@ def wait_ready(port: int, timeout: float = 120) -> None:
 def start_server(base: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", f"--port={port}", "--rest_api_port=0",
-         "--model_name=m", f"--model_base_path={base}", *flags],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "serving.server",
+            f"--port={port}",
+            "--rest_api_port=0",
+            "--model_name=m",
+            f"--model_base_path={base}",
+            *flags,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_ready(port)
     return proc, port
@@ -180,8 +190,9 @@ def main() -> None:
         inproc = in_process(base / "1", x)
 
         empty_port = free_port()
-        empty = subprocess.Popen([sys.executable, "-c", EMPTY_SERVER, str(empty_port)],
-                                 stdout=subprocess.PIPE, text=True)
+        empty = subprocess.Popen(
+            [sys.executable, "-c", EMPTY_SERVER, str(empty_port)], stdout=subprocess.PIPE, text=True
+        )
         assert empty.stdout is not None
         empty.stdout.readline()
         try:
@@ -200,13 +211,15 @@ def main() -> None:
             server.wait()
 
         params = root / "batching.config"
-        params.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 2000 }\n"
-                          "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 100 }\n")
-        server, port = start_server(base, "--enable_batching",
-                                    f"--batching_parameters_file={params}")
+        params.write_text(
+            "max_batch_size { value: 32 }\nbatch_timeout_micros { value: 2000 }\n"
+            "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 100 }\n"
+        )
+        server, port = start_server(
+            base, "--enable_batching", f"--batching_parameters_file={params}"
+        )
         try:
-            batched_tp = throughput(port, "/tensorflow.serving.PredictionService/Predict",
-                                    payload)
+            batched_tp = throughput(port, "/tensorflow.serving.PredictionService/Predict", payload)
         finally:
             server.terminate()
             server.wait()
@@ -231,7 +244,8 @@ throughput over {THROUGHPUT_SECONDS:.0f} s with {CONCURRENCY} concurrent grpc.ai
 |---|---|---|
 | empty gRPC round trip | {empty_tp:.0f} | 1.00 |
 | Predict, no batching | {plain_tp:.0f} | {plain_tp / empty_tp:.2f} |
-| Predict, --enable_batching (max 32, 2 ms) | {batched_tp:.0f} | **{batched_tp / empty_tp:.2f}** (goal ≥ 0.8) |
+| Predict, --enable_batching (max 32, 2 ms) | {batched_tp:.0f} | **{batched_tp / empty_tp:.2f}** \
+(goal ≥ 0.8) |
 
 New version directory → AVAILABLE (1 s poll, median of 3): **{median(swaps):.2f} s**
 (each: {", ".join(f"{s:.2f}" for s in swaps)}).
