@@ -10,7 +10,7 @@ CONFIG ?= pipeline.toml
 ARGS   ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help venv data ingest tune train evaluate export run serve test test-fast lint bench clean
+.PHONY: help venv data ingest tune train evaluate export run serve protos test test-fast lint bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ REST_PORT  ?= 8501
 serve: $(STAMP)  ## embedded TF-Serving-compatible server for models/$(MODEL_NAME) (gRPC 8500, REST 8501)
 	$(PY) -m serving.server --port $(PORT) --rest_api_port $(REST_PORT) \
 		--model_name $(MODEL_NAME) --model_base_path models/$(MODEL_NAME) $(ARGS)
+
+protos: $(STAMP)  ## regenerate serving/protos/descriptors.binpb from tensorflow-serving-api
+	$(PY) -m serving.protos.regenerate
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest

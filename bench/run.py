@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["ingest_memory.py", "train_throughput.py", "train_export.py", "server_latency.py"]
+SCRIPTS = [
+    "ingest_memory.py",
+    "train_throughput.py",
+    "train_export.py",
+    "server_latency.py",
+    "client.py",
+]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from serving import codec, protos
+from serving import codec, protos, wire
 from serving.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -186,21 +186,19 @@ def build_predict(
     label: str | None,
     signature: str,
     output_filter: Sequence[str],
-) -> Any:
+) -> bytes:
+    """A serialized PredictRequest; array data is copied once, straight into the wire bytes."""
     request = protos.PredictRequest()
     _model_spec(request.model_spec, model, version, label, signature)
-    for key, value in inputs.items():
-        try:
-            request.inputs[key].CopyFrom(codec.to_tensor_proto(value, protos.TensorProto))
-        except codec.CodecError as e:
-            raise InvalidInputError(f"input '{key}': {e}") from e
     request.output_filter.extend(output_filter)
-    return request
+    try:
+        return wire.encode_predict_request(request, inputs)
+    except codec.CodecError as e:
+        raise InvalidInputError(str(e)) from e
 
 
-def parse_predict(response: Any) -> Outputs:
-    outputs = {k: codec.to_numpy(v) for k, v in response.outputs.items()}
-    spec = response.model_spec
+def parse_predict(response: tuple[Any, dict[str, np.ndarray]]) -> Outputs:
+    spec, outputs = response
     return Outputs(outputs, spec.name, spec.version.value, spec.signature_name)
 
 
@@ -316,7 +314,8 @@ def _request(method: str, request_cls: Any, response_cls: Any) -> tuple[str, Any
 
 
 _METHODS = {
-    "predict": _request(protos.PREDICT, protos.PredictRequest, protos.PredictResponse),
+    # Predict skips the message classes both ways: see serving/wire.py.
+    "predict": (protos.PREDICT, None, wire.decode_predict_response),
     "classify": _request(
         protos.CLASSIFY, protos.ClassificationRequest, protos.ClassificationResponse
     ),
@@ -431,7 +430,11 @@ class ServingClient(_Base):
         output_filter: Sequence[str] = (),
         timeout: float | None = None,
     ) -> Outputs:
-        """Run a Predict. A bare array is sent as the signature's only input."""
+        """Run a Predict. A bare array is sent as the signature's only input.
+
+        Returned arrays are read-only views of the response bytes (no copy); ``np.array(x)``
+        gives a writable copy.
+        """
         version, label = self._choice(version, label)
         signature = signature or self.signature
         default = "inputs"

@@ -406,3 +406,55 @@ def test_cli_errors(serve, digits_like, tmp_path, capsys):
     dead = ["--target", f"127.0.0.1:{free_port()}", "--model", "shapes", "--timeout", "2"]
     assert main(["status", *dead]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from(DTYPES), as_fields=st.booleans())
+def test_wire_tensors_match_the_official_encoding(data, dtype, as_fields):
+    from serving import wire
+
+    value = data.draw(hnp.arrays(dtype, SHAPES))
+    encoded = wire.encode_tensor(value)
+    np.testing.assert_array_equal(
+        tf.make_ndarray(tensor_pb2.TensorProto.FromString(encoded)), value
+    )
+    theirs = (
+        codec.to_tensor_proto(value, tensor_pb2.TensorProto, as_fields=True)
+        if as_fields
+        else tf.make_tensor_proto(value)
+    )
+    decoded = wire.decode_tensor(memoryview(theirs.SerializeToString()))
+    assert decoded.dtype == value.dtype and decoded.shape == value.shape
+    np.testing.assert_array_equal(decoded, value)
+
+
+def test_wire_predict_request_and_response():
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving import wire
+
+    request = protos.PredictRequest()
+    request.model_spec.name = "m"
+    request.output_filter.append("y")
+    inputs = {
+        "x": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "s": np.array([b"a", b"bc"], dtype=object),
+    }
+    official = predict_pb2.PredictRequest.FromString(wire.encode_predict_request(request, inputs))
+    assert official.model_spec.name == "m" and list(official.output_filter) == ["y"]
+    assert tf.make_ndarray(official.inputs["x"]).tolist() == inputs["x"].tolist()
+    assert tf.make_ndarray(official.inputs["s"]).tolist() == [b"a", b"bc"]
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = "m"
+    response.model_spec.version.value = 3
+    response.outputs["p"].CopyFrom(
+        codec.to_tensor_proto(
+            np.array([[0.25, 0.75]], np.float32), tensor_pb2.TensorProto, as_fields=True
+        )
+    )
+    response.outputs["ids"].CopyFrom(tf.make_tensor_proto(np.array([1, 2], np.int64)))
+    response.outputs["c"].CopyFrom(tf.make_tensor_proto(np.array([b"yes"])))
+    spec, outputs = wire.decode_predict_response(response.SerializeToString())
+    assert spec.version.value == 3
+    assert outputs["p"].tolist() == [[0.25, 0.75]] and not outputs["p"].flags.writeable
+    assert outputs["ids"].tolist() == [1, 2] and outputs["c"].tolist() == [b"yes"]

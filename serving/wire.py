@@ -1,0 +1,212 @@
+"""Predict requests and responses straight to and from protobuf wire bytes.
+
+Large tensors are what make TF Serving clients slow: ``tf.make_tensor_proto`` copies an array
+into a proto, serialization copies it again, and on the way back parsing, field access and
+``make_ndarray`` each copy once more. Here an input array is written into the request bytes with
+one copy (``bytes.join`` over a memoryview), and an output's ``tensor_content`` — or its packed
+``float_val`` / ``double_val``, which is how TF Serving sends floats — is read with
+``np.frombuffer`` over the response bytes, without a copy. Decoded arrays are therefore
+read-only views of the response (``np.array(x)`` makes a writable copy). Anything else (strings,
+integer lists, half floats…) goes through the regular protobuf classes and ``serving.codec``.
+
+Wire-format facts used (protobuf encoding): a message is a sequence of (tag, value); tag =
+field number << 3 | wire type; length-delimited values (type 2) carry a varint length; a map
+field is a repeated message of {key = 1, value = 2}; appending fields to a serialized message
+is the same as setting them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from serving import codec, protos
+
+_T = protos.TensorProto.DESCRIPTOR.fields_by_name
+DTYPE = _T["dtype"].number
+SHAPE = _T["tensor_shape"].number
+CONTENT = _T["tensor_content"].number
+FLOAT_VAL = _T["float_val"].number
+DOUBLE_VAL = _T["double_val"].number
+_S = protos.TensorProto.DESCRIPTOR.fields_by_name["tensor_shape"].message_type.fields_by_name
+DIM = _S["dim"].number
+INPUTS = protos.PredictRequest.DESCRIPTOR.fields_by_name["inputs"].number
+OUTPUTS = protos.PredictResponse.DESCRIPTOR.fields_by_name["outputs"].number
+RESPONSE_SPEC = protos.PredictResponse.DESCRIPTOR.fields_by_name["model_spec"].number
+VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def tensor_parts(array: np.ndarray) -> tuple[list[Any], int]:
+    """Wire parts of a TensorProto for ``array`` and their total length (no copy of the data)."""
+    if array.dtype.kind in "SUO" or array.dtype not in _LITTLE:
+        # Strings (and exotic dtypes) are small or rare: let protobuf serialize them.
+        data = codec.to_tensor_proto(array, protos.TensorProto).SerializeToString()
+        return [data], len(data)
+    code = codec.dtype_code(array.dtype)
+    header = bytearray(_tag(DTYPE, VARINT) + _varint(code))
+    shape = bytearray()
+    for d in array.shape:
+        dim = _tag(1, VARINT) + _varint(d)
+        shape += _tag(DIM, LEN) + _varint(len(dim)) + dim
+    header += _tag(SHAPE, LEN) + _varint(len(shape)) + shape
+    contiguous = np.ascontiguousarray(array)
+    content = memoryview(contiguous).cast("B") if contiguous.size else b""
+    header += _tag(CONTENT, LEN) + _varint(len(content))
+    return [bytes(header), content], len(header) + len(content)
+
+
+_LITTLE = {
+    np.dtype(t)
+    for t in (
+        np.float16,
+        np.float32,
+        np.float64,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.bool_,
+        np.complex64,
+        np.complex128,
+    )
+}
+if np.little_endian is False:  # pragma: no cover - the wire is little-endian
+    _LITTLE = set()
+
+
+def encode_tensor(array: np.ndarray) -> bytes:
+    parts, _ = tensor_parts(array)
+    return b"".join(parts)
+
+
+def encode_predict_request(request: Any, inputs: Mapping[str, np.ndarray]) -> bytes:
+    """A serialized PredictRequest: ``request`` (model spec, output filter…) plus ``inputs``."""
+    parts: list[Any] = [request.SerializeToString()]
+    for name, array in inputs.items():
+        key = name.encode()
+        tparts, tlen = tensor_parts(array)
+        entry_head = _tag(1, LEN) + _varint(len(key)) + key + _tag(2, LEN) + _varint(tlen)
+        parts += [_tag(INPUTS, LEN), _varint(len(entry_head) + tlen), entry_head, *tparts]
+    return b"".join(parts)
+
+
+def _skip(buf: memoryview, pos: int, wire_type: int) -> int:
+    if wire_type == VARINT:
+        return _read_varint(buf, pos)[1]
+    if wire_type == FIXED64:
+        return pos + 8
+    if wire_type == LEN:
+        n, pos = _read_varint(buf, pos)
+        return pos + n
+    if wire_type == FIXED32:
+        return pos + 4
+    raise ValueError(f"unsupported wire type {wire_type}")
+
+
+def decode_tensor(buf: memoryview) -> np.ndarray:
+    """A TensorProto's bytes → array; zero-copy for tensor_content and packed float/double."""
+    pos, end = 0, len(buf)
+    code = 0
+    shape: list[int] = []
+    data: memoryview | None = None
+    data_dtype: Any = None
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if field == DTYPE and wire_type == VARINT:
+            code, pos = _read_varint(buf, pos)
+        elif field == SHAPE and wire_type == LEN:
+            n, pos = _read_varint(buf, pos)
+            shape_proto = protos.TensorProto.FromString(
+                _tag(SHAPE, LEN) + _varint(n) + bytes(buf[pos : pos + n])
+            ).tensor_shape
+            shape = [d.size for d in shape_proto.dim]
+            pos += n
+        elif field in (CONTENT, FLOAT_VAL, DOUBLE_VAL) and wire_type == LEN and data is None:
+            n, pos = _read_varint(buf, pos)
+            data = buf[pos : pos + n]
+            data_dtype = {FLOAT_VAL: np.float32, DOUBLE_VAL: np.float64}.get(field)
+            pos += n
+        else:
+            # Anything else (strings, varint lists, an unpacked list…): let protobuf do it.
+            return codec.to_numpy(protos.TensorProto.FromString(bytes(buf)))
+    dtype = np.dtype(codec.numpy_dtype(code))
+    if data_dtype is not None and np.dtype(data_dtype) != dtype:
+        return codec.to_numpy(protos.TensorProto.FromString(bytes(buf)))
+    count = int(np.prod(shape, dtype=np.int64))
+    if data is None or len(data) == 0:
+        return codec.to_numpy(protos.TensorProto.FromString(bytes(buf)))
+    values = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
+    if values.size == count:
+        return values.reshape(shape)
+    return codec.to_numpy(protos.TensorProto.FromString(bytes(buf)))
+
+
+def decode_predict_response(data: bytes) -> tuple[Any, dict[str, np.ndarray]]:
+    """(model_spec, outputs) of a serialized PredictResponse."""
+    buf = memoryview(data)
+    pos, end = 0, len(buf)
+    spec = protos.ModelSpec()
+    outputs: dict[str, np.ndarray] = {}
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type != LEN or field not in (OUTPUTS, RESPONSE_SPEC):
+            pos = _skip(buf, pos, wire_type)
+            continue
+        n, pos = _read_varint(buf, pos)
+        body = buf[pos : pos + n]
+        pos += n
+        if field == RESPONSE_SPEC:
+            spec.MergeFromString(bytes(body))
+            continue
+        name, tensor = "", memoryview(b"")
+        p = 0
+        while p < len(body):
+            k, p = _read_varint(body, p)
+            if k >> 3 in (1, 2) and k & 7 == LEN:
+                m, p = _read_varint(body, p)
+                if k >> 3 == 1:
+                    name = bytes(body[p : p + m]).decode()
+                else:
+                    tensor = body[p : p + m]
+                p += m
+            else:
+                p = _skip(body, p, k & 7)
+        outputs[name] = decode_tensor(tensor)
+    return spec, outputs
