@@ -81,7 +81,7 @@ def tensor_parts(array: np.ndarray) -> tuple[list[Any], int]:
         shape += _tag(DIM, LEN) + _varint(len(dim)) + dim
     header += _tag(SHAPE, LEN) + _varint(len(shape)) + shape
     contiguous = np.ascontiguousarray(array)
-    content = memoryview(contiguous).cast("B") if contiguous.size else b""
+    content = memoryview(contiguous).cast("B") if contiguous.size else b""  # type: ignore[arg-type]
     header += _tag(CONTENT, LEN) + _varint(len(content))
     return [bytes(header), content], len(header) + len(content)
 
