@@ -10,7 +10,7 @@ CONFIG ?= pipeline.toml
 ARGS   ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help venv data ingest tune train evaluate export run serve protos test test-fast lint bench clean
+.PHONY: help venv data ingest tune train evaluate export run serve serve-docker promote protos test test-fast lint bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -73,3 +73,13 @@ bench: $(STAMP)  ## benchmarks; results in bench/RESULTS.md
 
 clean:  ## remove artifacts and caches (keeps models/ and the venv)
 	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache
+
+MODEL   ?= digits
+VERSION ?=
+
+promote: $(STAMP)  ## gated promotion: make promote MODEL=digits VERSION=3 ARGS="--approve --approver me --reason why"
+	@test -n "$(VERSION)" || { echo "usage: make promote MODEL=name VERSION=n [ARGS=...]"; exit 2; }
+	$(PY) -m serving.promote $(MODEL) $(VERSION) --from models --to production --config $(CONFIG) $(ARGS)
+
+serve-docker: $(STAMP)  ## the tensorflow/serving image on models/$(MODEL_NAME) (needs a Docker engine)
+	$(PY) -m serving.docker --model_name $(MODEL_NAME) --model_base_path models/$(MODEL_NAME) $(ARGS)

@@ -32,6 +32,13 @@ REPORT = "report.md"
 EXPORTED = "exported.json"
 LATEST = "LATEST"  # in the artifacts root: the id of the newest successfully ingested run
 
+# Inside an exported version (models/NAME/VERSION/).
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+MODEL_CARD = "assets.extra/model_card.json"
+MANIFEST = "assets.extra/MANIFEST.sha256"
+SIGNATURE = "assets.extra/MANIFEST.sha256.sig"  # optional, see pipeline/signing.py
+LABELS_FILE = "assets/labels.txt"
+
 
 class PipelineError(RuntimeError):
     """A stage cannot proceed; the message says what is wrong and where."""

@@ -236,6 +236,8 @@ class ExportConfig:
     # Reloaded SavedModel vs in-memory Keras model, element-wise |a - b| <= atol + rtol * |b|.
     parity_atol: float = 1e-5
     parity_rtol: float = 1e-4
+    # Sign assets.extra/MANIFEST.sha256 with this private key (PEM, Ed25519 or ECDSA).
+    signing_key: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_records <= 1000:
@@ -245,6 +247,36 @@ class ExportConfig:
             )
         if self.parity_atol < 0 or self.parity_rtol < 0:
             raise ConfigError("export.parity_atol / parity_rtol: must be >= 0")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """The promotion gates (serving/promote.py)."""
+
+    # Absolute thresholds on metrics computed now on the evaluation data, e.g.
+    # min_metrics = {accuracy = 0.95, auc = 0.9}, max_metrics = {rmse = 50.0}.
+    min_metrics: dict[str, float] = field(default_factory=dict)
+    max_metrics: dict[str, float] = field(default_factory=dict)
+    # How much worse than production's `stable` a metric may be (absolute difference).
+    max_regression: float = 0.005
+    # A run directory whose test split is the golden set (default: the candidate's own run).
+    eval_data: str = ""
+    eval_examples: int = 2000
+    # Served vs in-process predictions: |served - local| <= parity_atol element-wise.
+    parity_atol: float = 1e-4
+    latency_requests: int = 100
+    latency_p99_ms: float = 250.0
+    keep_versions: int = 3  # promoted versions kept on disk besides every labelled one
+    # Verify assets.extra/MANIFEST.sha256.sig with this public key (PEM); required if set.
+    public_key: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("max_regression", "parity_atol", "latency_p99_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"promote.{name}: must be >= 0")
+        _positive("promote.eval_examples", self.eval_examples)
+        _positive("promote.latency_requests", self.latency_requests)
+        _positive("promote.keep_versions", self.keep_versions)
 
 
 @dataclass(frozen=True)
@@ -260,6 +292,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     def __post_init__(self) -> None:
         if self.run_id and not all(c.isalnum() or c in "-_." for c in self.run_id):

@@ -43,10 +43,8 @@ from pipeline.datasets import (
 
 log = logging.getLogger(__name__)
 
-WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
-MODEL_CARD = "assets.extra/model_card.json"
-MANIFEST = "assets.extra/MANIFEST.sha256"
-LABELS_FILE = "assets/labels.txt"
+WARMUP_FILE, MODEL_CARD, MANIFEST = A.WARMUP_FILE, A.MODEL_CARD, A.MANIFEST
+SIGNATURE, LABELS_FILE = A.SIGNATURE, A.LABELS_FILE
 HIGH_WATER = ".last_version"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
@@ -127,6 +125,10 @@ def build_version(
     check_parity(out, model, x_test, cfg)
     A.write_json(out / MODEL_CARD, model_card(cfg, spec, metrics, version, signatures))
     write_manifest(out)
+    if cfg.export.signing_key:
+        from pipeline.signing import sign_manifest
+
+        sign_manifest(out, cfg.export.signing_key)
 
 
 class ServingModule(tf.Module):
@@ -390,7 +392,7 @@ def verify_manifest(version_dir: Path) -> list[str]:
             problems.append(f"{rel}: checksum mismatch")
     for path in version_dir.rglob("*"):
         rel = path.relative_to(version_dir).as_posix()
-        if path.is_file() and rel != MANIFEST and rel not in listed:
+        if path.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in listed:
             problems.append(f"{rel}: not in the manifest")
     return problems
 

@@ -1,0 +1,949 @@
+"""Gated promotion to production, canary, rollback and an audit trail.
+
+    python -m serving.promote MODEL VERSION --from models --to production [--approve
+        --approver NAME --reason TEXT] [--dry-run] [--canary] [--server HOST:PORT]
+        [--runtime embedded|docker] [--allow-signature-break]
+    python -m serving.promote {rollback,finalize,status} MODEL --to production [--server …]
+
+Gates run first and change nothing: integrity (manifest, optional signature), quality
+(thresholds, and no regression against production's ``stable`` with both evaluated now on the
+same data), compatibility (production's signatures still accepted), infra validation (a fresh
+server loads the candidate, replays its warmup, answers real examples over gRPC matching
+in-process predictions, within the latency budget) and approval. Only then the push: copy into
+``production/MODEL/VERSION`` (temporary name, then rename), write ``models.config`` with both
+versions, reload the live server and wait until the candidate is AVAILABLE, then move the label
+(TF Serving refuses a label on a version that is not AVAILABLE), apply retention. Every file is
+replaced atomically; a lock file keeps two promotions from interleaving; every attempt is one
+line of ``production/audit.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import artifacts as A
+from pipeline.artifacts import PipelineError
+from pipeline.config import Config, ConfigError, PromoteConfig, load_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "models.config"
+AUDIT_FILE = "audit.jsonl"
+STATE_FILE = "promotion.json"
+LOCK_FILE = ".promote.lock"
+STABLE, CANARY = "stable", "canary"
+# Metrics where lower is better; every other metric is better when higher.
+LOWER_IS_BETTER = {"rmse", "mae", "loss"}
+
+
+class PromotionError(PipelineError):
+    """The promotion cannot go on; production is untouched (or consistent, see the message)."""
+
+
+class LockBusy(PromotionError):
+    """Another promotion holds the production directory's lock."""
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    summary: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    needed: str = ""
+
+    def line(self) -> str:
+        mark = "PASS" if self.passed else ("SKIP" if self.numbers.get("skipped") else "FAIL")
+        text = f"[{mark}] {self.name}: {self.summary}"
+        return text + (
+            f"\n         needed: {self.needed}" if self.needed and not self.passed else ""
+        )
+
+
+# --- production state ----------------------------------------------------------------------------
+
+
+def read_server_config(path: Path) -> Any:
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    if path.exists():
+        try:
+            text_format.Parse(path.read_text(), config)
+        except text_format.ParseError as e:
+            raise PromotionError(f"{path}: invalid ModelServerConfig: {e}") from e
+    else:
+        config.model_config_list.SetInParent()
+    return config
+
+
+def write_server_config(path: Path, config: Any) -> None:
+    from google.protobuf import text_format
+
+    A.atomic_write_text(path, text_format.MessageToString(config))
+
+
+def model_entry(config: Any, model: str, base_path: Path) -> Any:
+    for mc in config.model_config_list.config:
+        if mc.name == model:
+            return mc
+    mc = config.model_config_list.config.add()
+    mc.name = model
+    mc.base_path = str(base_path.resolve())
+    mc.model_platform = "tensorflow"
+    return mc
+
+
+def set_versions(mc: Any, versions: set[int], labels: dict[str, int]) -> None:
+    mc.model_version_policy.Clear()
+    mc.model_version_policy.specific.versions.extend(sorted(versions))
+    mc.version_labels.clear()
+    for label, version in sorted(labels.items()):
+        mc.version_labels[label] = version
+
+
+def read_state(prod: Path, model: str) -> dict[str, Any]:
+    path = prod / model / STATE_FILE
+    return A.read_json(path) if path.exists() else {"history": []}
+
+
+def manifest_digest(version_dir: Path) -> str:
+    path = version_dir / A.MANIFEST
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def audit(prod: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line; O_APPEND writes of one line do not interleave."""
+    prod.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True, default=str) + "\n"
+    fd = os.open(prod / AUDIT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fault_point(step: str) -> None:
+    """Fault injection for the kill-at-each-step tests: PROMOTE_KILL_AT=step."""
+    if os.environ.get("PROMOTE_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray  # class names (classification) or values (regression)
+    task: str
+    source: str
+
+
+def load_eval_data(cfg: PromoteConfig, candidate: Path, artifacts: str) -> EvalData:
+    from pipeline.datasets import load_spec, make_dataset, to_numpy
+
+    card_path = candidate / A.MODEL_CARD
+    if not card_path.exists():
+        raise PromotionError(f"{card_path}: missing; was this version exported by the pipeline?")
+    card = A.read_json(card_path)
+    run_dir = Path(cfg.eval_data) if cfg.eval_data else Path(artifacts) / card["data"]["run_id"]
+    if not (run_dir / A.SHARDS).is_dir():
+        raise PromotionError(
+            f"{run_dir}: no shards to evaluate on; set promote.eval_data to a run directory "
+            "(its test split is the golden set)"
+        )
+    spec = load_spec(run_dir)
+    x, y = to_numpy(make_dataset(spec, "test", batch_size=256, cache=False))
+    n = min(cfg.eval_examples, len(y))
+    x = {k: v[:n] for k, v in x.items()}
+    y = y[:n]
+    labels = np.array([spec.classes[int(i)] for i in y]) if spec.classes else y.astype(float)
+    return EvalData(x, labels, spec.task, f"{run_dir} (test split, {n} examples)")
+
+
+def predict_local(version_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    outs: dict[str, list[np.ndarray]] = {}
+    n = len(next(iter(inputs.values())))
+    for start in range(0, n, 256):
+        batch = {k: tf.constant(v[start : start + 256]) for k, v in inputs.items()}
+        for k, v in fn(**batch).items():
+            outs.setdefault(k, []).append(v.numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def model_classes(version_dir: Path) -> list[str]:
+    path = version_dir / A.LABELS_FILE
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def score(version_dir: Path, data: EvalData) -> dict[str, float]:
+    """Metrics of one version on the evaluation data, computed now."""
+    from sklearn.metrics import roc_auc_score
+
+    out = predict_local(version_dir, data.inputs)
+    if data.task == "regression":
+        pred = out["predictions"].reshape(-1)
+        err = pred - data.labels
+        ss_tot = float(((data.labels - data.labels.mean()) ** 2).sum())
+        return {
+            "rmse": float(np.sqrt((err**2).mean())),
+            "mae": float(np.abs(err).mean()),
+            "r2": 1 - float((err**2).sum()) / ss_tot if ss_tot else 0.0,
+        }
+    classes = model_classes(version_dir)
+    predicted = np.array([c.decode() if isinstance(c, bytes) else str(c) for c in out["classes"]])
+    metrics = {"accuracy": float((predicted == data.labels).mean())}
+    probs = out["probabilities"]
+    truth = np.array([classes.index(c) if c in classes else -1 for c in data.labels])
+    if len(set(truth.tolist())) == len(classes) and (truth >= 0).all() and len(classes) > 1:
+        if len(classes) == 2:
+            metrics["auc"] = float(roc_auc_score(truth, probs[:, 1]))
+        else:
+            metrics["auc"] = float(roc_auc_score(truth, probs, multi_class="ovr"))
+    return metrics
+
+
+# --- the gates -----------------------------------------------------------------------------------
+
+
+def gate_integrity(candidate: Path, cfg: PromoteConfig) -> Gate:
+    from pipeline.export import verify_manifest
+
+    if not (candidate / "saved_model.pb").is_file():
+        return Gate(
+            "integrity",
+            False,
+            f"{candidate} is not a SavedModel version",
+            needed="a directory exported by `python -m pipeline export`",
+        )
+    problems = verify_manifest(candidate)
+    numbers: dict[str, Any] = {
+        "manifest_sha256": manifest_digest(candidate),
+        "problems": problems[:20],
+    }
+    if cfg.public_key:
+        from pipeline.signing import verify_signature
+
+        bad = verify_signature(candidate, cfg.public_key)
+        numbers["signature"] = bad or "verified"
+        if bad:
+            problems.append(f"signature: {bad}")
+    if problems:
+        return Gate(
+            "integrity",
+            False,
+            f"{len(problems)} problems: " + "; ".join(problems[:5]),
+            numbers,
+            "every file matching assets.extra/MANIFEST.sha256"
+            + (" and a valid signature" if cfg.public_key else ""),
+        )
+    files = len((candidate / A.MANIFEST).read_text().splitlines())
+    return Gate(
+        "integrity",
+        True,
+        f"{files} files match the manifest" + (", signature verified" if cfg.public_key else ""),
+        numbers,
+    )
+
+
+def gate_quality(candidate: Path, stable: Path | None, data: EvalData, cfg: PromoteConfig) -> Gate:
+    cand = score(candidate, data)
+    numbers: dict[str, Any] = {"candidate": cand, "data": data.source}
+    failures = []
+    for name, bound in cfg.min_metrics.items():
+        if name not in cand:
+            failures.append(f"{name} not computed for this task")
+        elif cand[name] < bound:
+            failures.append(f"{name} {cand[name]:.4f} < {bound}")
+    for name, bound in cfg.max_metrics.items():
+        if name not in cand:
+            failures.append(f"{name} not computed for this task")
+        elif cand[name] > bound:
+            failures.append(f"{name} {cand[name]:.4f} > {bound}")
+    compared = sorted(set(cfg.min_metrics) | set(cfg.max_metrics)) or (
+        ["rmse"] if data.task == "regression" else ["accuracy"]
+    )
+    if stable is None:
+        comparison = "first promotion: nothing in production to compare with"
+    else:
+        prod = score(stable, data)
+        numbers["stable"] = prod
+        numbers["stable_version"] = int(stable.name)
+        diffs = []
+        for name in compared:
+            if name not in cand or name not in prod:
+                continue
+            worse = (
+                (cand[name] - prod[name]) if name in LOWER_IS_BETTER else (prod[name] - cand[name])
+            )
+            diffs.append(f"{name} {cand[name]:.4f} vs {prod[name]:.4f}")
+            if worse > cfg.max_regression:
+                failures.append(
+                    f"{name} regressed by {worse:.4f} vs stable "
+                    f"v{stable.name} (tolerance {cfg.max_regression})"
+                )
+        comparison = f"vs stable v{stable.name}: " + ", ".join(diffs)
+    headline = ", ".join(f"{k}={v:.4f}" for k, v in cand.items())
+    if failures:
+        return Gate(
+            "quality",
+            False,
+            "; ".join(failures),
+            numbers,
+            "thresholds "
+            + json.dumps({"min": cfg.min_metrics, "max": cfg.max_metrics})
+            + f" and no regression beyond {cfg.max_regression}",
+        )
+    return Gate("quality", True, f"{headline}; {comparison}", numbers)
+
+
+def _signatures(version_dir: Path) -> dict[str, Any]:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes())
+    graph = next(g for g in sm.meta_graphs if "serve" in g.meta_info_def.tags)
+    return {k: v for k, v in graph.signature_def.items() if not k.startswith("__")}
+
+
+def signature_breaks(candidate: Path, stable: Path) -> list[str]:
+    """What a client of ``stable`` would find broken in ``candidate``."""
+    new, old = _signatures(candidate), _signatures(stable)
+    problems = []
+    for name, sig in old.items():
+        if name not in new:
+            problems.append(f"signature '{name}' removed")
+            continue
+        cand = new[name]
+        for key, info in sig.inputs.items():
+            if key not in cand.inputs:
+                problems.append(f"{name}: input '{key}' removed")
+                continue
+            c = cand.inputs[key]
+            if c.dtype != info.dtype:
+                problems.append(f"{name}: input '{key}' dtype {info.dtype} -> {c.dtype}")
+            elif not _shape_accepts(c.tensor_shape, info.tensor_shape):
+                problems.append(
+                    f"{name}: input '{key}' shape {_dims(info.tensor_shape)} -> "
+                    f"{_dims(c.tensor_shape)}"
+                )
+        for key in set(cand.inputs) - set(sig.inputs):
+            problems.append(f"{name}: new required input '{key}'")
+        for key, info in sig.outputs.items():
+            if key not in cand.outputs:
+                problems.append(f"{name}: output '{key}' removed")
+            elif cand.outputs[key].dtype != info.dtype:
+                problems.append(f"{name}: output '{key}' dtype changed")
+        if cand.method_name != sig.method_name:
+            problems.append(f"{name}: method {sig.method_name} -> {cand.method_name}")
+    return problems
+
+
+def _dims(shape: Any) -> list[int] | str:
+    return "unknown" if shape.unknown_rank else [d.size for d in shape.dim]
+
+
+def _shape_accepts(new: Any, old: Any) -> bool:
+    """True when every tensor ``old`` accepts is accepted by ``new``."""
+    if new.unknown_rank:
+        return True
+    if old.unknown_rank or len(new.dim) != len(old.dim):
+        return False
+    return all(n.size == -1 or n.size == o.size for n, o in zip(new.dim, old.dim))
+
+
+def gate_compatibility(candidate: Path, stable: Path | None, allow_break: bool) -> Gate:
+    if stable is None:
+        return Gate("compatibility", True, "first promotion: no production signatures to keep")
+    problems = signature_breaks(candidate, stable)
+    numbers = {"breaks": problems, "stable_version": int(stable.name)}
+    if problems and allow_break:
+        return Gate(
+            "compatibility",
+            True,
+            "deliberate break allowed (--allow-signature-break): " + "; ".join(problems),
+            numbers | {"allowed_break": True},
+        )
+    if problems:
+        return Gate(
+            "compatibility",
+            False,
+            "; ".join(problems),
+            numbers,
+            f"the signatures of stable v{stable.name} (or --allow-signature-break)",
+        )
+    return Gate(
+        "compatibility", True, f"accepts every request stable v{stable.name} accepts", numbers
+    )
+
+
+def gate_infra(
+    candidate: Path, model: str, data: EvalData, cfg: PromoteConfig, runtime: str
+) -> Gate:
+    """Load the candidate in a fresh server, replay warmup, serve real examples over gRPC."""
+    from serving.client import ServingClient
+
+    with tempfile.TemporaryDirectory(prefix="infra-") as tmp:
+        base = Path(tmp) / model
+        base.mkdir()
+        # A copy, not a symlink: a container sees only what is mounted.
+        shutil.copytree(candidate, base / candidate.name)
+        try:
+            with _fresh_server(runtime, model, base) as target:
+                client = ServingClient(target, model=model, timeout=30)
+                status = client.wait_until_available(int(candidate.name), deadline=120)
+                n = min(64, len(data.labels))
+                batch = {k: v[:n] for k, v in data.inputs.items()}
+                served = client.predict(batch)
+                local = predict_local(candidate, batch)
+                diffs = [
+                    float(np.max(np.abs(np.asarray(served[k], np.float64) - v)))
+                    for k, v in local.items()
+                    if v.dtype.kind == "f" and k in served
+                ]
+                max_diff = max(diffs, default=0.0)
+                times = []
+                for i in range(cfg.latency_requests):
+                    one = {k: v[i % n : i % n + 1] for k, v in data.inputs.items()}
+                    start = time.perf_counter()
+                    client.predict(one)
+                    times.append((time.perf_counter() - start) * 1000)
+                client.close()
+        except Exception as e:  # noqa: BLE001 - any failure to serve is the gate's verdict
+            return Gate(
+                "infra",
+                False,
+                f"{runtime} server could not serve the candidate: {e}",
+                {"runtime": runtime},
+                "a clean load, warmup and answers over gRPC",
+            )
+    p50, p99 = float(np.percentile(times, 50)), float(np.percentile(times, 99))
+    numbers = {
+        "runtime": runtime,
+        "state": status.state,
+        "examples": n,
+        "max_abs_diff": max_diff,
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+    failures = []
+    if max_diff > cfg.parity_atol:
+        failures.append(f"served vs in-process differ by {max_diff:.3g} > {cfg.parity_atol}")
+    if p99 > cfg.latency_p99_ms:
+        failures.append(f"p99 {p99:.1f} ms > budget {cfg.latency_p99_ms} ms")
+    summary = (
+        f"loaded + warmed up on {runtime}, {n} examples match in-process "
+        f"(max |diff| {max_diff:.2g}), batch-1 p50 {p50:.1f} ms p99 {p99:.1f} ms "
+        f"over {len(times)} requests"
+    )
+    if failures:
+        return Gate(
+            "infra",
+            False,
+            "; ".join(failures),
+            numbers,
+            f"|diff| <= {cfg.parity_atol} and p99 <= {cfg.latency_p99_ms} ms",
+        )
+    return Gate("infra", True, summary, numbers)
+
+
+class _fresh_server:
+    def __init__(self, runtime: str, model: str, base: Path):
+        self.runtime, self.model, self.base = runtime, model, base
+        self._stop: Any = None
+
+    def __enter__(self) -> str:
+        if self.runtime == "docker":
+            from serving.docker import TFServingContainer
+
+            container = TFServingContainer(
+                model_name=self.model,
+                model_base_path=self.base,
+                port=_free_port(),
+                rest_api_port=_free_port(),
+            )
+            target = container.start()
+            self._stop = container.stop
+            return target
+        from serving.server.options import options_from_args
+        from serving.server.server import ModelServer
+
+        server = ModelServer(
+            options_from_args(
+                [
+                    "--port",
+                    "0",
+                    "--rest_api_port",
+                    "0",
+                    "--model_name",
+                    self.model,
+                    "--model_base_path",
+                    str(self.base),
+                ]
+            )
+        )
+        server.start()
+        self._stop = lambda: server.stop(grace=0)
+        return f"127.0.0.1:{server.port}"
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stop is not None:
+            self._stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def approval_record(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    """(record, problem): an explicit approver+reason, or the CI run's actor and URL."""
+    if args.approve and args.approver and args.reason:
+        return {"approver": args.approver, "reason": args.reason, "via": "cli"}, ""
+    env = os.environ
+    if args.approve and env.get("GITHUB_ACTIONS") == "true" and env.get("GITHUB_ACTOR"):
+        url = (
+            f"{env.get('GITHUB_SERVER_URL', 'https://github.com')}/"
+            f"{env.get('GITHUB_REPOSITORY', '')}/actions/runs/{env.get('GITHUB_RUN_ID', '')}"
+        )
+        return {
+            "approver": env["GITHUB_ACTOR"],
+            "reason": args.reason or f"approved in {url}",
+            "via": "github-actions",
+            "run_url": url,
+        }, ""
+    return None, "--approve with --approver NAME and --reason TEXT (or a CI run's actor and URL)"
+
+
+# --- promotion -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Paths:
+    source: Path
+    prod: Path
+    model: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.prod / self.model
+
+    @property
+    def config(self) -> Path:
+        return self.prod / CONFIG_FILE
+
+
+def current_labels(paths: Paths) -> dict[str, int]:
+    config = read_server_config(paths.config)
+    for mc in config.model_config_list.config:
+        if mc.name == paths.model:
+            return dict(mc.version_labels)
+    return {}
+
+
+def run_gates(paths: Paths, version: int, cfg: Config, args: argparse.Namespace) -> list[Gate]:
+    candidate = paths.source / paths.model / str(version)
+    if not candidate.is_dir():
+        raise PromotionError(f"{candidate}: no such version")
+    labels = current_labels(paths)
+    stable = paths.model_dir / str(labels[STABLE]) if STABLE in labels else None
+    if stable is not None and not stable.is_dir():
+        raise PromotionError(f"{stable}: production's stable version is missing on disk")
+    gates = [gate_integrity(candidate, cfg.promote)]
+    if not gates[0].passed:
+        # A SavedModel is a program: never load one whose files do not verify.
+        for name in ("quality", "compatibility", "infra"):
+            gates.append(Gate(name, False, "skipped: integrity failed", {"skipped": True}))
+    else:
+        data = load_eval_data(cfg.promote, candidate, cfg.artifacts)
+        gates.append(gate_quality(candidate, stable, data, cfg.promote))
+        gates.append(gate_compatibility(candidate, stable, args.allow_signature_break))
+        gates.append(gate_infra(candidate, paths.model, data, cfg.promote, args.runtime))
+    record, problem = approval_record(args)
+    if args.dry_run:
+        gates.append(
+            Gate(
+                "approval",
+                True,
+                "dry run: approval not needed, nothing will change",
+                {"record": record},
+            )
+        )
+    elif record is None:
+        gates.append(Gate("approval", False, "no approval record", {}, problem))
+    else:
+        gates.append(
+            Gate(
+                "approval",
+                True,
+                f"approved by {record['approver']}: {record['reason']}",
+                {"record": record},
+            )
+        )
+    return gates
+
+
+def push(paths: Paths, version: int, label: str, client: Any, cfg: PromoteConfig) -> dict[str, Any]:
+    """Copy, load next to the current versions, move the label, apply retention."""
+    candidate = paths.source / paths.model / str(version)
+    paths.model_dir.mkdir(parents=True, exist_ok=True)
+    dest = paths.model_dir / str(version)
+    for stale in paths.model_dir.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed promotion (we hold the lock)
+    if dest.exists():
+        if manifest_digest(dest) != manifest_digest(candidate):
+            raise PromotionError(
+                f"{dest}: exists with different contents; versions are never overwritten"
+            )
+    else:
+        tmp = paths.model_dir / f".tmp-{version}-{os.getpid()}"
+        shutil.copytree(candidate, tmp)
+        _fsync_tree(tmp)
+        os.rename(tmp, dest)
+        A.fsync_dir(paths.model_dir)
+    fault_point("copied")
+
+    config = read_server_config(paths.config)
+    mc = model_entry(config, paths.model, paths.model_dir)
+    labels = dict(mc.version_labels)
+    state = read_state(paths.prod, paths.model)
+    loaded = set(labels.values()) | ({state["previous"]} if state.get("previous") else set())
+    loaded = {v for v in loaded if (paths.model_dir / str(v)).is_dir()}
+    # Step 1: the candidate loads next to everything labelled; no label moves yet.
+    set_versions(mc, loaded | {version}, labels)
+    write_server_config(paths.config, config)
+    fault_point("config_both")
+    if client is not None:
+        client.reload_config(config)
+        client.wait_until_available(version, deadline=300)
+    fault_point("available")
+
+    # Step 2: move the label now that the candidate is AVAILABLE.
+    previous = labels.get(label)
+    if previous == version:  # a rerun after a kill: the label already moved
+        previous = state.get("previous") if label == STABLE else state.get("canary_previous")
+    new_labels = dict(labels, **{label: version})
+    history = [*state.get("history", []), version]
+    new_state = dict(state, history=history)
+    if label == STABLE:
+        new_state["previous"] = previous
+    else:
+        new_state["canary_previous"] = previous
+    A.write_json(paths.model_dir / STATE_FILE, new_state)
+    set_versions(mc, loaded | {version}, new_labels)
+    write_server_config(paths.config, config)
+    if client is not None:
+        client.reload_config(config)
+    fault_point("label_moved")
+
+    removed = apply_retention(paths, cfg.keep_versions, client)
+    fault_point("retention")
+    return {"labels": new_labels, "previous": previous, "removed": removed}
+
+
+def apply_retention(paths: Paths, keep: int, client: Any) -> list[int]:
+    """Keep labelled versions, the rollback target and the last ``keep`` promoted; drop the rest."""
+    config = read_server_config(paths.config)
+    mc = model_entry(config, paths.model, paths.model_dir)
+    labels = dict(mc.version_labels)
+    state = read_state(paths.prod, paths.model)
+    history = list(dict.fromkeys(state.get("history", [])))
+    keep_set = set(labels.values()) | set(history[-keep:])
+    keep_set |= {v for v in (state.get("previous"), state.get("canary_previous")) if v}
+    on_disk = {int(p.name) for p in paths.model_dir.iterdir() if p.name.isdigit()}
+    drop = sorted(on_disk - keep_set)
+    loaded = set(mc.model_version_policy.specific.versions)
+    if loaded & set(drop):
+        set_versions(mc, loaded - set(drop), labels)
+        write_server_config(paths.config, config)
+        if client is not None:
+            client.reload_config(config)
+    for v in drop:
+        shutil.rmtree(paths.model_dir / str(v), ignore_errors=True)
+    return drop
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        A.fsync_dir(dirpath)
+
+
+def _lock(prod: Path, wait: float) -> Any:
+    from filelock import FileLock, Timeout
+
+    prod.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(prod / LOCK_FILE), timeout=wait)
+    try:
+        lock.acquire()
+    except Timeout as e:
+        raise LockBusy(
+            f"{prod / LOCK_FILE}: another promotion is running; retry when it is "
+            "done (or pass --wait-lock SECONDS)"
+        ) from e
+    return lock
+
+
+def _client(args: argparse.Namespace, model: str) -> Any:
+    if not args.server:
+        return None
+    from serving.client import ServingClient
+
+    return ServingClient(args.server, model=model, timeout=60)
+
+
+def promote(args: argparse.Namespace, cfg: Config) -> int:
+    paths = Paths(Path(args.source), Path(args.to), args.model)
+    label = CANARY if args.canary else STABLE
+    lock = _lock(paths.prod, args.wait_lock)
+    record: dict[str, Any] = {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "action": "promote",
+        "model": args.model,
+        "version": args.version,
+        "label": label,
+        "git_commit": git_commit(),
+        "dry_run": args.dry_run,
+    }
+    try:
+        candidate = paths.source / args.model / str(args.version)
+        record["manifest_sha256"] = manifest_digest(candidate) if candidate.exists() else None
+        gates = run_gates(paths, args.version, cfg, args)
+        record["gates"] = [asdict(g) for g in gates]
+        approval = next(g for g in gates if g.name == "approval")
+        record["approval"] = approval.numbers.get("record")
+        print(f"promotion of {args.model} v{args.version} → {label}")
+        for g in gates:
+            print("  " + g.line())
+        if not all(g.passed for g in gates):
+            failed = [g.name for g in gates if not g.passed]
+            record["outcome"] = "refused"
+            print(f"REFUSED by gate(s) {', '.join(failed)}; production is untouched")
+            return 1
+        if args.dry_run:
+            record["outcome"] = "dry-run passed"
+            print("DRY RUN: every gate passed; nothing was changed")
+            return 0
+        client = _client(args, args.model)
+        try:
+            result = push(paths, args.version, label, client, cfg.promote)
+        finally:
+            if client is not None:
+                client.close()
+        record.update(outcome="promoted", result=result)
+        print(
+            f"PROMOTED {args.model} v{args.version} as {label} (previous: "
+            f"{result['previous']}); removed by retention: {result['removed'] or 'none'}"
+        )
+        return 0
+    except PipelineError as e:
+        record.update(outcome="error", error=str(e))
+        raise
+    finally:
+        audit(paths.prod, record)
+        fault_point("audit")
+        lock.release()
+
+
+def move_label(args: argparse.Namespace, action: str) -> int:
+    """rollback (stable → previous) and finalize (canary → stable)."""
+    paths = Paths(Path(args.to), Path(args.to), args.model)
+    lock = _lock(paths.prod, args.wait_lock)
+    record: dict[str, Any] = {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "action": action,
+        "model": args.model,
+        "git_commit": git_commit(),
+        "approval": {"approver": args.approver, "reason": args.reason} if args.approver else None,
+    }
+    client = _client(args, args.model)
+    try:
+        config = read_server_config(paths.config)
+        mc = model_entry(config, args.model, paths.model_dir)
+        labels = dict(mc.version_labels)
+        state = read_state(paths.prod, args.model)
+        if action == "rollback":
+            target = state.get("previous")
+            if not target or not (paths.model_dir / str(target)).is_dir():
+                raise PromotionError(f"{args.model}: no previous version to roll back to")
+            new_labels = dict(labels, stable=target)
+            new_state = dict(state, previous=labels.get(STABLE))
+        else:
+            if CANARY not in labels:
+                raise PromotionError(f"{args.model}: no canary label to finalize")
+            target = labels[CANARY]
+            new_labels = {k: v for k, v in labels.items() if k != CANARY} | {STABLE: target}
+            new_state = dict(state, previous=labels.get(STABLE))
+        loaded = set(mc.model_version_policy.specific.versions) | {target}
+        loaded = {v for v in loaded if (paths.model_dir / str(v)).is_dir()}
+        # Load the target first if it is not loaded (a rollback after retention, say).
+        set_versions(mc, loaded, labels)
+        write_server_config(paths.config, config)
+        if client is not None:
+            client.reload_config(config)
+            client.wait_until_available(target, deadline=300)
+        A.write_json(paths.model_dir / STATE_FILE, new_state)
+        set_versions(mc, loaded, new_labels)
+        write_server_config(paths.config, config)
+        if client is not None:
+            client.reload_config(config)
+        record.update(outcome="done", version=target, labels=new_labels)
+        print(f"{action}: {args.model} stable → v{target} (labels {new_labels})")
+        return 0
+    except PipelineError as e:
+        record.update(outcome="error", error=str(e))
+        raise
+    finally:
+        if client is not None:
+            client.close()
+        audit(paths.prod, record)
+        lock.release()
+
+
+def status(args: argparse.Namespace) -> int:
+    paths = Paths(Path(args.to), Path(args.to), args.model)
+    config = read_server_config(paths.config)
+    mc = next((m for m in config.model_config_list.config if m.name == args.model), None)
+    if mc is None:
+        print(f"{args.model}: not in {paths.config}")
+        return 1
+    state = read_state(paths.prod, args.model)
+    on_disk = sorted(int(p.name) for p in paths.model_dir.iterdir() if p.name.isdigit())
+    print(
+        f"{args.model}: configured versions {list(mc.model_version_policy.specific.versions)},"
+        f" on disk {on_disk}, labels {dict(mc.version_labels)}, "
+        f"rollback target {state.get('previous')}"
+    )
+    if args.server:
+        client = _client(args, args.model)
+        for s in client.status():
+            print(
+                f"  server: version {s.version} {s.state}"
+                + (f" ({s.error_message})" if s.error_message else "")
+            )
+        client.close()
+    audit_path = paths.prod / AUDIT_FILE
+    if audit_path.exists():
+        lines = [json.loads(line) for line in audit_path.read_text().splitlines() if line]
+        for rec in [r for r in lines if r.get("model") == args.model][-5:]:
+            print(
+                f"  {rec['time']} {rec['action']} v{rec.get('version')} → {rec.get('outcome')}"
+                + (f" by {rec['approval']['approver']}" if rec.get("approval") else "")
+            )
+    return 0
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m serving.promote{'' if command == 'promote' else ' ' + command}",
+        description=__doc__.split("\n\n")[2] if command == "promote" else f"{command} a model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model")
+    if command == "promote":
+        p.add_argument("version", type=int)
+        p.add_argument("--from", dest="source", default="models", help="model repository")
+        p.add_argument("--dry-run", action="store_true", help="run every gate, change nothing")
+        p.add_argument("--canary", action="store_true", help="move 'canary', not 'stable'")
+        p.add_argument(
+            "--runtime",
+            choices=["embedded", "docker"],
+            default="embedded",
+            help="server for the infra gate (docker: the tensorflow/serving image)",
+        )
+        p.add_argument(
+            "--allow-signature-break",
+            action="store_true",
+            help="promote even if production clients' requests would break",
+        )
+        p.add_argument("--config", help="pipeline TOML with a [promote] section")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="config override, e.g. promote.keep_versions=5",
+        )
+    p.add_argument("--to", default="production", help="production directory")
+    p.add_argument("--server", default="", help="live server to reload (host:port)")
+    p.add_argument("--approve", action="store_true", help="record an approval")
+    p.add_argument("--approver", default="", help="who approves")
+    p.add_argument("--reason", default="", help="why")
+    p.add_argument(
+        "--wait-lock",
+        type=float,
+        default=0.0,
+        help="wait this long for another promotion to finish (default: fail at once)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    command = argv[0] if argv and argv[0] in ("rollback", "finalize", "status") else "promote"
+    args = _parser(command).parse_args(argv[1:] if command != "promote" else argv)
+    try:
+        if command == "promote":
+            cfg = load_config(args.config, args.overrides)
+            return promote(args, cfg)
+        if command == "status":
+            return status(args)
+        return move_label(args, command)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except LockBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
