@@ -20,7 +20,6 @@ class _Tiny(tf.Module):
         super().__init__()
         self.bias = tf.Variable(float(version))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
     def predict(self, x):
         y = x * 2.0 + self.bias
         label = tf.where(tf.reduce_sum(y, axis=1) > 0, "pos", "neg")
@@ -55,14 +54,17 @@ class _Tiny(tf.Module):
         return {"outputs": self._parse(inputs)}
 
 
-def build(path: Path, version: int, warmup: str = "ok") -> Path:
+def build(path: Path, version: int, warmup: str = "ok", input_name: str = "x") -> Path:
     """Write version ``version`` into ``path`` (warmup: "ok", "none" or "broken")."""
     module = _Tiny(version)
+    predict = tf.function(module.predict).get_concrete_function(
+        tf.TensorSpec([None, 2], tf.float32, name=input_name)
+    )
     tf.saved_model.save(
         module,
         str(path),
         signatures={
-            "serving_default": module.predict,
+            "serving_default": predict,
             "echo": module.echo,
             "spin": module.spin,
             "classification": module.classify,

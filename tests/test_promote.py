@@ -1,0 +1,352 @@
+"""Promotion: every gate passing and failing on real exported models, approval, dry run, the
+two-step label move on a live server, canary/finalize, rollback, retention, kills at each step,
+the lock, and the audit trail."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import artifacts as A
+from pipeline.evaluate import evaluate
+from pipeline.export import export, write_manifest
+from pipeline.ingest import ingest
+from pipeline.train import train
+from serving.promote import gate_compatibility, main, read_server_config
+from tests.conftest import config, make_images
+
+pytestmark = pytest.mark.integration
+
+APPROVE = ["--approve", "--approver", "alice", "--reason", "better model"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """models/shapes/{1,2} good; 3 trained on swapped labels (bad on the real test split)."""
+    from dataclasses import replace
+
+    tmp = tmp_path_factory.mktemp("promote")
+    root = make_images(tmp / "imgs", per_class=30)
+    cfg = config(
+        tmp,
+        f'data.source="{root}"',
+        "model.name=shapes",
+        "train.epochs=6",
+        "export.warmup_records=5",
+        "run_id=good",
+    )
+    run_dir = ingest(cfg).run_dir
+    for seed in (1, 2):
+        train(replace(cfg, train=replace(cfg.train, seed=seed)))
+        evaluate(cfg)
+        export(cfg)
+    swapped = tmp / "swapped"
+    shutil.copytree(root / "a", swapped / "b")
+    shutil.copytree(root / "b", swapped / "a")
+    bad = replace(cfg, run_id="swapped", data=replace(cfg.data, source=str(swapped)))
+    ingest(bad)
+    train(bad)
+    evaluate(bad)
+    export(bad)
+    return tmp, cfg, run_dir
+
+
+@pytest.fixture
+def env(repo, tmp_path):
+    """A fresh production directory and the argv pieces to promote into it."""
+    tmp, cfg, run_dir = repo
+    (tmp_path / "p.toml").write_text("")
+    prod = tmp_path / "production"
+    base = [
+        "--from",
+        str(Path(cfg.export.model_base_path)),
+        "--to",
+        str(prod),
+        "--config",
+        str(tmp_path / "p.toml"),
+        "--set",
+        f'artifacts="{cfg.artifacts}"',
+        "--set",
+        f'promote.eval_data="{run_dir}"',  # the golden set: the good run's test split
+        "--set",
+        "promote.min_metrics={accuracy=0.8}",
+        "--set",
+        "promote.latency_p99_ms=2000",
+        "--set",
+        "promote.latency_requests=20",
+    ]
+    return prod, base, Path(cfg.export.model_base_path) / "shapes"
+
+
+def labels(prod: Path) -> dict[str, int]:
+    config = read_server_config(prod / "models.config")
+    return dict(config.model_config_list.config[0].version_labels)
+
+
+def audit_lines(prod: Path) -> list[dict]:
+    return [json.loads(line) for line in (prod / "audit.jsonl").read_text().splitlines()]
+
+
+def test_first_promotion_and_audit(env, capsys):
+    prod, base, _ = env
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+    out = capsys.readouterr().out
+    assert "first promotion: nothing in production to compare with" in out
+    for gate in ("integrity", "quality", "compatibility", "infra", "approval"):
+        assert f"[PASS] {gate}" in out
+    assert labels(prod) == {"stable": 1}
+    assert (prod / "shapes" / "1" / "saved_model.pb").exists()
+    record = audit_lines(prod)[-1]
+    assert record["outcome"] == "promoted" and record["approval"]["approver"] == "alice"
+    assert len(record["manifest_sha256"]) == 64 and record["git_commit"] is not None
+    quality = next(g for g in record["gates"] if g["name"] == "quality")
+    assert quality["numbers"]["candidate"]["accuracy"] >= 0.8
+    infra = next(g for g in record["gates"] if g["name"] == "infra")
+    assert infra["numbers"]["max_abs_diff"] <= 1e-4 and infra["numbers"]["p99_ms"] > 0
+
+
+def test_approval_is_required_and_dry_run_changes_nothing(env, capsys):
+    prod, base, _ = env
+    assert main(["shapes", "1", *base]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] approval" in out and "needed: --approve" in out
+    assert not (prod / "models.config").exists() and not (prod / "shapes").exists()
+    assert main(["shapes", "1", *base, "--dry-run"]) == 0
+    assert "DRY RUN" in capsys.readouterr().out
+    assert not (prod / "models.config").exists() and not (prod / "shapes").exists()
+    assert [r["outcome"] for r in audit_lines(prod)] == ["refused", "dry-run passed"]
+
+
+def test_worse_model_fails_quality(env, capsys):
+    prod, base, _ = env
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+    capsys.readouterr()
+    assert main(["shapes", "3", *base, *APPROVE]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] quality" in out and "accuracy" in out
+    assert labels(prod) == {"stable": 1} and not (prod / "shapes" / "3").exists()
+    # The regression check alone catches it too, with the thresholds out of the way.
+    assert main(["shapes", "3", *base, "--set", "promote.min_metrics={}", *APPROVE]) == 1
+    assert "regressed by" in capsys.readouterr().out
+
+
+def test_tampered_version_fails_integrity_and_is_never_loaded(env, tmp_path, capsys):
+    prod, base, versions = env
+    bad_repo = tmp_path / "bad-models" / "shapes"
+    shutil.copytree(versions / "1", bad_repo / "7")
+    with open(bad_repo / "7" / "variables" / "variables.index", "ab") as f:
+        f.write(b"x")
+    argv = ["shapes", "7", *base, *APPROVE]
+    argv[argv.index("--from") + 1] = str(tmp_path / "bad-models")
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] integrity" in out and "checksum mismatch" in out
+    assert "[SKIP] infra: skipped: integrity failed" in out
+
+
+def test_failing_warmup_fails_infra(env, tmp_path, capsys):
+    prod, base, versions = env
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    bad_repo = tmp_path / "warm" / "shapes"
+    shutil.copytree(versions / "1", bad_repo / "8")
+    warmup = bad_repo / "8" / A.WARMUP_FILE
+    with tf.io.TFRecordWriter(str(warmup)) as w:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "shapes"
+        req.inputs["wrong"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 8, 8, 1), np.float32)))
+        w.write(
+            prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=req)
+            ).SerializeToString()
+        )
+    write_manifest(bad_repo / "8")  # a consistent manifest: only the warmup is broken
+    argv = ["shapes", "8", *base, *APPROVE]
+    argv[argv.index("--from") + 1] = str(tmp_path / "warm")
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "[PASS] integrity" in out and "[FAIL] infra" in out
+
+
+def test_signature_compatibility(tmp_path, library):
+    old = library.copy(tmp_path / "a", 1)
+    from tests.servables import build
+
+    renamed = build(tmp_path / "b" / "2", 2, input_name="features")
+    same = library.copy(tmp_path / "c", 3)
+    gate = gate_compatibility(renamed, old, allow_break=False)
+    assert not gate.passed and "input 'x' removed" in gate.summary
+    assert "new required input 'features'" in gate.summary
+    assert gate_compatibility(same, old, allow_break=False).passed
+    allowed = gate_compatibility(renamed, old, allow_break=True)
+    assert allowed.passed and allowed.numbers["allowed_break"]
+
+
+def test_signed_versions(env, tmp_path, capsys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from pipeline.signing import sign_manifest
+
+    prod, base, versions = env
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "pub.pem").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    signed = tmp_path / "signed" / "shapes"
+    shutil.copytree(versions / "1", signed / "1")
+    argv = ["shapes", "1", *base, *APPROVE, "--set", f'promote.public_key="{tmp_path / "pub.pem"}"']
+    argv[argv.index("--from") + 1] = str(tmp_path / "signed")
+    assert main(argv) == 1
+    assert "was not signed" in capsys.readouterr().out
+    sign_manifest(signed / "1", tmp_path / "key.pem")
+    assert main(argv) == 0
+    assert "signature verified" in capsys.readouterr().out
+
+
+def test_canary_finalize_rollback_and_retention(env, capsys):
+    prod, base, _ = env
+    keep1 = [*base, "--set", "promote.keep_versions=1"]
+    assert main(["shapes", "1", *keep1, *APPROVE]) == 0
+    assert main(["shapes", "2", *keep1, *APPROVE, "--canary"]) == 0
+    assert labels(prod) == {"stable": 1, "canary": 2}
+    assert main(["finalize", "shapes", "--to", str(prod)]) == 0
+    assert labels(prod) == {"stable": 2}
+    assert main(["rollback", "shapes", "--to", str(prod)]) == 0
+    assert labels(prod) == {"stable": 1}
+    state = json.loads((prod / "shapes" / "promotion.json").read_text())
+    assert state["previous"] == 2
+    # Retention keeps labelled versions and the rollback target; nothing else is kept here.
+    versions = read_server_config(prod / "models.config").model_config_list.config[0]
+    assert set(versions.model_version_policy.specific.versions) == {1, 2}
+    assert main(["status", "shapes", "--to", str(prod)]) == 0
+    out = capsys.readouterr().out
+    assert "labels {'stable': 1}" in out and "rollback" in out
+    actions = [r["action"] for r in audit_lines(prod)]
+    assert actions == ["promote", "promote", "finalize", "rollback"]
+
+
+def test_rollback_works_when_the_newest_files_are_damaged(env):
+    prod, base, _ = env
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+    assert main(["shapes", "2", *base, *APPROVE]) == 0
+    (prod / "shapes" / "2" / "saved_model.pb").write_bytes(b"damaged")
+    assert main(["rollback", "shapes", "--to", str(prod)]) == 0
+    assert labels(prod) == {"stable": 1}
+
+
+def test_lock_makes_a_second_promotion_fail_clearly(env, capsys):
+    prod, base, _ = env
+    from filelock import FileLock
+
+    prod.mkdir(parents=True)
+    held = FileLock(str(prod / ".promote.lock"))
+    held.acquire()
+    try:
+        assert main(["shapes", "1", *base, *APPROVE]) == 3
+        assert "another promotion is running" in capsys.readouterr().err
+    finally:
+        held.release()
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+
+
+def _live_server(serve, prod):
+    return serve("--model_config_file", str(prod / "models.config"))
+
+
+def test_two_step_label_move_on_a_live_server(env, serve):
+    prod, base, _ = env
+    from serving.client import ServingClient
+
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+    server = _live_server(serve, prod)
+    target = f"127.0.0.1:{server.port}"
+    seen, failures = [], []
+    stop = threading.Event()
+
+    def poll():
+        with ServingClient(target, model="shapes", label="stable") as client:
+            x = {"image": np.zeros((1, 8, 8, 1), np.float32)}
+            while not stop.is_set():
+                try:
+                    seen.append(client.predict(x).version)
+                except Exception as e:  # noqa: BLE001 - every failure fails the test
+                    failures.append(e)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        assert main(["shapes", "2", *base, *APPROVE, "--server", target]) == 0
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures
+    assert seen[0] == 1 and seen[-1] == 2
+    assert seen[seen.index(2) :] == [2] * (len(seen) - seen.index(2))
+
+
+STEPS = ["copied", "config_both", "available", "label_moved", "retention", "audit"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", STEPS)
+def test_killed_at_any_step_keeps_production_consistent(env, serve, step):
+    prod, base, _ = env
+    from serving.client import ServingClient
+
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+    server = _live_server(serve, prod)
+    target = f"127.0.0.1:{server.port}"
+    old_config = (prod / "models.config").read_text()
+    argv = [
+        sys.executable,
+        "-m",
+        "serving.promote",
+        "shapes",
+        "2",
+        *base,
+        *APPROVE,
+        "--server",
+        target,
+    ]
+    proc = subprocess.run(
+        argv,
+        env=dict(os.environ, PROMOTE_KILL_AT=step),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not list(prod.glob("*.tmp*")) and not list(prod.glob(".models.config.*"))
+    config_now = (prod / "models.config").read_text()
+    assert labels(prod)["stable"] in (1, 2)  # old or new: parses, never a mix
+    with ServingClient(target, model="shapes", label="stable") as client:
+        assert client.predict({"image": np.zeros((1, 8, 8, 1), np.float32)}).version in (1, 2)
+    if step in ("copied", "config_both"):
+        assert labels(prod) == {"stable": 1} and config_now != "" and old_config
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert labels(prod)["stable"] == 2
+    state = json.loads((prod / "shapes" / "promotion.json").read_text())
+    assert state["previous"] == 1
