@@ -45,6 +45,7 @@ class TFServingContainer:
         start_timeout: float = 180.0,
         network_mode: str = "host",
         entrypoint: str = "tensorflow_model_server",
+        extra_volumes: Sequence[str | Path] = (),
         client: Any = None,
     ):
         if bool(model_base_path) == bool(model_config_file):
@@ -59,6 +60,7 @@ class TFServingContainer:
         self.start_timeout = start_timeout
         self.network_mode = network_mode
         self.entrypoint = entrypoint
+        self.extra_volumes = [Path(p).resolve() for p in extra_volumes]
         self._client = client
         self.container: Any = None
 
@@ -80,6 +82,7 @@ class TFServingContainer:
         if self.model_config_file:
             paths.append(self.model_config_file.parent)
             paths += _config_base_paths(self.model_config_file)
+        paths += self.extra_volumes
         mounts = {}
         for path in paths:
             # Same absolute path inside and out: models.config base paths keep working.
@@ -167,21 +170,25 @@ class TFServingContainer:
         self.stop()
 
 
-def _config_base_paths(config_file: Path) -> list[Path]:
+def _read_config(config_file: Path) -> Any:
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
-    config = text_format.Parse(config_file.read_text(), model_server_config_pb2.ModelServerConfig())
-    return [Path(m.base_path) for m in config.model_config_list.config]
+    try:
+        return text_format.Parse(
+            config_file.read_text(), model_server_config_pb2.ModelServerConfig()
+        )
+    except (OSError, text_format.ParseError) as e:
+        raise DockerLaunchError(f"{config_file}: not a readable ModelServerConfig: {e}") from e
+
+
+def _config_base_paths(config_file: Path) -> list[Path]:
+    return [Path(m.base_path) for m in _read_config(config_file).model_config_list.config]
 
 
 def _config_models(config_file: Path | None) -> list[str]:
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
     assert config_file is not None
-    config = text_format.Parse(config_file.read_text(), model_server_config_pb2.ModelServerConfig())
-    return [m.name for m in config.model_config_list.config]
+    return [m.name for m in _read_config(config_file).model_config_list.config]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -711,3 +711,33 @@ def test_load_during_hot_swap_loses_no_request(serve, two_versions, library):
     assert versions[0] == 2 and versions[-1] == 3
     switch = versions.index(3)
     assert set(versions[switch:]) == {3}  # once switched, never back to the unloaded version
+
+
+def test_boolean_flags_take_tensorflow_model_server_forms(tmp_path, serve, two_versions):
+    from serving.server.options import OptionsError, options_from_args
+
+    base = ["--model_base_path", str(tmp_path)]
+    assert options_from_args([*base, "--enable_batching"]).batching is not None
+    assert options_from_args([*base, "--enable_batching=true"]).batching is not None
+    assert options_from_args([*base, "--enable_batching=false"]).batching is None
+    with pytest.raises(SystemExit):
+        options_from_args([*base, "--enable_batching=maybe"])
+    with pytest.raises(OptionsError, match="allowed_batch_sizes"):
+        params = tmp_path / "b.config"
+        params.write_text("max_batch_size { value: 8 }\nallowed_batch_sizes: [4, 2]\n")
+        options_from_args([*base, "--enable_batching", "--batching_parameters_file", str(params)])
+    server = serve(
+        "--model_name",
+        "tiny",
+        "--model_base_path",
+        str(two_versions),
+        "--enable_serialization_as_tensor_content=true",
+        "--enable_grpc_healthcheck_service=true",
+    )
+    resp, out = Client(server).predict(np.ones((1, 2), np.float32))
+    assert resp.outputs["y"].tensor_content and not resp.outputs["y"].float_val
+    health = health_pb2_grpc.HealthStub(Client(server).channel)
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="PredictionService"), timeout=5).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )

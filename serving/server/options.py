@@ -121,6 +121,7 @@ class ServerOptions:
     grpc_max_threads: int = 16
     max_request_size_bytes: int = 256 << 20
     allow_version_labels_for_unavailable_models: bool = False
+    tensor_content: bool = False  # Predict outputs as tensor_content (default: typed fields)
 
 
 def parse_text(path: str, message: Any, flag: str) -> Any:
@@ -169,6 +170,22 @@ def single_model_config(name: str, base_path: str) -> Any:
     return config
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A boolean flag written --name, --name=true or --name=false (tensorflow_model_server's)."""
+    p.add_argument(
+        name, nargs="?", const=True, default=False, type=_bool, metavar="BOOL", help=help
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving.server",
@@ -210,11 +227,7 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="look for new versions this often (default 1)",
     )
-    p.add_argument(
-        "--enable_batching",
-        action="store_true",
-        help="merge concurrent Predict calls into one model call",
-    )
+    _flag(p, "--enable_batching", "merge concurrent Predict calls into one model call")
     p.add_argument("--batching_parameters_file", default="", help="BatchingParameters text proto")
     p.add_argument(
         "--monitoring_config_file",
@@ -234,10 +247,20 @@ def parser() -> argparse.ArgumentParser:
         default=256 << 20,
         help="largest accepted request (default 256 MiB)",
     )
-    p.add_argument(
+    _flag(
+        p,
         "--allow_version_labels_for_unavailable_models",
-        action="store_true",
-        help="allow a label to point to a version that is not AVAILABLE",
+        "allow a label to point to a version that is not AVAILABLE",
+    )
+    _flag(
+        p,
+        "--enable_grpc_healthcheck_service",
+        "accepted for compatibility: the gRPC health service is always on",
+    )
+    _flag(
+        p,
+        "--enable_serialization_as_tensor_content",
+        "send Predict outputs in tensor_content instead of the typed *_val fields",
     )
     return p
 
@@ -325,4 +348,5 @@ def options_from_args(argv: list[str] | None = None) -> ServerOptions:
         allow_version_labels_for_unavailable_models=(
             args.allow_version_labels_for_unavailable_models
         ),
+        tensor_content=args.enable_serialization_as_tensor_content,
     )

@@ -40,7 +40,7 @@ class ModelServer:
             poll_seconds=max(options.file_system_poll_wait_seconds, 0.05),
         )
         self.batcher = Batcher(options.batching) if options.batching else None
-        self.core = Core(self.manager, self.metrics, self.batcher)
+        self.core = Core(self.manager, self.metrics, self.batcher, options.tensor_content)
         self._config_lock = threading.Lock()
         self._stop = threading.Event()
         limit = options.max_request_size_bytes
@@ -104,7 +104,13 @@ class ModelServer:
         if self.rest:
             self.rest.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        for name in ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+        # The names TF Serving registers (--enable_grpc_healthcheck_service), and the full ones.
+        for name in (
+            "PredictionService",
+            "ModelService",
+            "tensorflow.serving.PredictionService",
+            "tensorflow.serving.ModelService",
+        ):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving gRPC on %s:%d, REST on %s",

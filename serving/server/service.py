@@ -43,10 +43,19 @@ STATE_ENUM = get_model_status_pb2.ModelVersionStatus.State
 class Core:
     """Resolve the servable, check inputs, run (batched or not) and count."""
 
-    def __init__(self, manager: ModelManager, metrics: Metrics, batcher: Batcher | None = None):
+    def __init__(
+        self,
+        manager: ModelManager,
+        metrics: Metrics,
+        batcher: Batcher | None = None,
+        tensor_content: bool = False,
+    ):
         self.manager = manager
         self.metrics = metrics
         self.batcher = batcher
+        # TF Serving answers with the typed *_val fields unless
+        # --enable_serialization_as_tensor_content.
+        self.as_fields = not tensor_content
 
     @contextmanager
     def measured(self, model: str, api: str, entrypoint: str) -> Iterator[None]:
@@ -137,7 +146,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             _spec(response.model_spec, servable, sig)
             for key, value in outputs.items():
                 response.outputs[key].CopyFrom(
-                    codec.to_tensor_proto(value, tensor_pb2.TensorProto, as_fields=True)
+                    codec.to_tensor_proto(
+                        value, tensor_pb2.TensorProto, as_fields=self.core.as_fields
+                    )
                 )
             return response
 
