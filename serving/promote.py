@@ -100,14 +100,16 @@ def write_server_config(path: Path, config: Any) -> None:
     A.atomic_write_text(path, text_format.MessageToString(config))
 
 
-def model_entry(config: Any, model: str, base_path: Path) -> Any:
+def model_entry(config: Any, model: str, base_path: str) -> Any:
+    """The model's entry in a ModelServerConfig (added if missing), pointing at ``base_path``."""
     for mc in config.model_config_list.config:
         if mc.name == model:
-            return mc
-    mc = config.model_config_list.config.add()
-    mc.name = model
-    mc.base_path = str(base_path.resolve())
-    mc.model_platform = "tensorflow"
+            break
+    else:
+        mc = config.model_config_list.config.add()
+        mc.name = model
+        mc.model_platform = "tensorflow"
+    mc.base_path = base_path
     return mc
 
 
@@ -553,6 +555,60 @@ def approval_record(args: argparse.Namespace) -> tuple[dict[str, Any] | None, st
 
 
 @dataclass
+class Publisher:
+    """Where a new models.config and new version files go besides the local production dir.
+
+    ``sync_cmd`` (a shell command) copies the production directory where the servers read it
+    (e.g. a bucket) after files change and before a config references them. ``kube_configmap``
+    (NAMESPACE/NAME) patches the ConfigMap's models.config, which TF Serving polls; otherwise a
+    live server (``client``) is told with HandleReloadConfigRequest.
+    """
+
+    paths: Any
+    client: Any = None
+    serving_base_path: str = ""
+    sync_cmd: str = ""
+    kube_configmap: str = ""
+    kubectl: str = "kubectl"
+
+    def base_path(self) -> str:
+        root = self.serving_base_path.rstrip("/") or str(self.paths.prod.resolve())
+        return f"{root}/{self.paths.model}"
+
+    def sync(self) -> None:
+        if not self.sync_cmd:
+            return
+        result = subprocess.run(self.sync_cmd, shell=True, capture_output=True, text=True)
+        if result.returncode:
+            raise PromotionError(
+                f"--sync-cmd failed ({result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()[-500:]}"
+            )
+
+    def publish(self, config: Any) -> None:
+        write_server_config(self.paths.config, config)
+        if self.kube_configmap:
+            namespace, _, name = self.kube_configmap.rpartition("/")
+            patch = json.dumps({"data": {CONFIG_FILE: self.paths.config.read_text()}})
+            cmd = [self.kubectl, "patch", "configmap", name, "--type", "merge", "-p", patch]
+            if namespace:
+                cmd[1:1] = ["-n", namespace]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode:
+                raise PromotionError(
+                    f"kubectl patch configmap {self.kube_configmap} failed: "
+                    f"{(result.stderr or result.stdout).strip()[-500:]}"
+                )
+        elif self.client is not None:
+            self.client.reload_config(config)
+
+    def wait_available(self, version: int) -> None:
+        if self.client is not None:
+            # A polled ConfigMap takes the kubelet's sync plus TF Serving's poll to arrive.
+            self.client.wait_until_available(version, deadline=600 if self.kube_configmap else 300)
+
+
+@dataclass
 class Paths:
     source: Path
     prod: Path
@@ -617,7 +673,9 @@ def run_gates(paths: Paths, version: int, cfg: Config, args: argparse.Namespace)
     return gates
 
 
-def push(paths: Paths, version: int, label: str, client: Any, cfg: PromoteConfig) -> dict[str, Any]:
+def push(
+    paths: Paths, version: int, label: str, pub: Publisher, cfg: PromoteConfig
+) -> dict[str, Any]:
     """Copy, load next to the current versions, move the label, apply retention."""
     candidate = paths.source / paths.model / str(version)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
@@ -635,21 +693,20 @@ def push(paths: Paths, version: int, label: str, client: Any, cfg: PromoteConfig
         _fsync_tree(tmp)
         os.rename(tmp, dest)
         A.fsync_dir(paths.model_dir)
+    pub.sync()
     fault_point("copied")
 
     config = read_server_config(paths.config)
-    mc = model_entry(config, paths.model, paths.model_dir)
+    mc = model_entry(config, paths.model, pub.base_path())
     labels = dict(mc.version_labels)
     state = read_state(paths.prod, paths.model)
     loaded = set(labels.values()) | ({state["previous"]} if state.get("previous") else set())
     loaded = {v for v in loaded if (paths.model_dir / str(v)).is_dir()}
     # Step 1: the candidate loads next to everything labelled; no label moves yet.
     set_versions(mc, loaded | {version}, labels)
-    write_server_config(paths.config, config)
+    pub.publish(config)
     fault_point("config_both")
-    if client is not None:
-        client.reload_config(config)
-        client.wait_until_available(version, deadline=300)
+    pub.wait_available(version)
     fault_point("available")
 
     # Step 2: move the label now that the candidate is AVAILABLE.
@@ -665,20 +722,18 @@ def push(paths: Paths, version: int, label: str, client: Any, cfg: PromoteConfig
         new_state["canary_previous"] = previous
     A.write_json(paths.model_dir / STATE_FILE, new_state)
     set_versions(mc, loaded | {version}, new_labels)
-    write_server_config(paths.config, config)
-    if client is not None:
-        client.reload_config(config)
+    pub.publish(config)
     fault_point("label_moved")
 
-    removed = apply_retention(paths, cfg.keep_versions, client)
+    removed = apply_retention(paths, cfg.keep_versions, pub)
     fault_point("retention")
     return {"labels": new_labels, "previous": previous, "removed": removed}
 
 
-def apply_retention(paths: Paths, keep: int, client: Any) -> list[int]:
+def apply_retention(paths: Paths, keep: int, pub: Publisher) -> list[int]:
     """Keep labelled versions, the rollback target and the last ``keep`` promoted; drop the rest."""
     config = read_server_config(paths.config)
-    mc = model_entry(config, paths.model, paths.model_dir)
+    mc = model_entry(config, paths.model, pub.base_path())
     labels = dict(mc.version_labels)
     state = read_state(paths.prod, paths.model)
     history = list(dict.fromkeys(state.get("history", [])))
@@ -688,12 +743,13 @@ def apply_retention(paths: Paths, keep: int, client: Any) -> list[int]:
     drop = sorted(on_disk - keep_set)
     loaded = set(mc.model_version_policy.specific.versions)
     if loaded & set(drop):
+        # Unload first; only then delete the files the servers were reading.
         set_versions(mc, loaded - set(drop), labels)
-        write_server_config(paths.config, config)
-        if client is not None:
-            client.reload_config(config)
+        pub.publish(config)
     for v in drop:
         shutil.rmtree(paths.model_dir / str(v), ignore_errors=True)
+    if drop:
+        pub.sync()
     return drop
 
 
@@ -723,12 +779,13 @@ def _lock(prod: Path, wait: float) -> Any:
     return lock
 
 
-def _client(args: argparse.Namespace, model: str) -> Any:
-    if not args.server:
-        return None
-    from serving.client import ServingClient
+def _publisher(args: argparse.Namespace, paths: Paths) -> Publisher:
+    client = None
+    if args.server:
+        from serving.client import ServingClient
 
-    return ServingClient(args.server, model=model, timeout=60)
+        client = ServingClient(args.server, model=args.model, timeout=60)
+    return Publisher(paths, client, args.serving_base_path, args.sync_cmd, args.kube_configmap)
 
 
 def promote(args: argparse.Namespace, cfg: Config) -> int:
@@ -763,12 +820,12 @@ def promote(args: argparse.Namespace, cfg: Config) -> int:
             record["outcome"] = "dry-run passed"
             print("DRY RUN: every gate passed; nothing was changed")
             return 0
-        client = _client(args, args.model)
+        pub = _publisher(args, paths)
         try:
-            result = push(paths, args.version, label, client, cfg.promote)
+            result = push(paths, args.version, label, pub, cfg.promote)
         finally:
-            if client is not None:
-                client.close()
+            if pub.client is not None:
+                pub.client.close()
         record.update(outcome="promoted", result=result)
         print(
             f"PROMOTED {args.model} v{args.version} as {label} (previous: "
@@ -795,10 +852,10 @@ def move_label(args: argparse.Namespace, action: str) -> int:
         "git_commit": git_commit(),
         "approval": {"approver": args.approver, "reason": args.reason} if args.approver else None,
     }
-    client = _client(args, args.model)
+    pub = _publisher(args, paths)
     try:
         config = read_server_config(paths.config)
-        mc = model_entry(config, args.model, paths.model_dir)
+        mc = model_entry(config, args.model, pub.base_path())
         labels = dict(mc.version_labels)
         state = read_state(paths.prod, args.model)
         if action == "rollback":
@@ -817,15 +874,11 @@ def move_label(args: argparse.Namespace, action: str) -> int:
         loaded = {v for v in loaded if (paths.model_dir / str(v)).is_dir()}
         # Load the target first if it is not loaded (a rollback after retention, say).
         set_versions(mc, loaded, labels)
-        write_server_config(paths.config, config)
-        if client is not None:
-            client.reload_config(config)
-            client.wait_until_available(target, deadline=300)
+        pub.publish(config)
+        pub.wait_available(target)
         A.write_json(paths.model_dir / STATE_FILE, new_state)
         set_versions(mc, loaded, new_labels)
-        write_server_config(paths.config, config)
-        if client is not None:
-            client.reload_config(config)
+        pub.publish(config)
         record.update(outcome="done", version=target, labels=new_labels)
         print(f"{action}: {args.model} stable → v{target} (labels {new_labels})")
         return 0
@@ -833,8 +886,8 @@ def move_label(args: argparse.Namespace, action: str) -> int:
         record.update(outcome="error", error=str(e))
         raise
     finally:
-        if client is not None:
-            client.close()
+        if pub.client is not None:
+            pub.client.close()
         audit(paths.prod, record)
         lock.release()
 
@@ -854,7 +907,7 @@ def status(args: argparse.Namespace) -> int:
         f"rollback target {state.get('previous')}"
     )
     if args.server:
-        client = _client(args, args.model)
+        client = _publisher(args, paths).client
         for s in client.status():
             print(
                 f"  server: version {s.version} {s.state}"
@@ -908,7 +961,25 @@ def _parser(command: str) -> argparse.ArgumentParser:
             help="config override, e.g. promote.keep_versions=5",
         )
     p.add_argument("--to", default="production", help="production directory")
-    p.add_argument("--server", default="", help="live server to reload (host:port)")
+    p.add_argument("--server", default="", help="live server to reload and watch (host:port)")
+    p.add_argument(
+        "--serving-base-path",
+        default="",
+        help="where servers read production from (e.g. gs://bucket/production, "
+        "/models); default: the --to directory itself",
+    )
+    p.add_argument(
+        "--sync-cmd",
+        default="",
+        help="shell command copying --to where servers read it, run after files "
+        "change and before a config references them",
+    )
+    p.add_argument(
+        "--kube-configmap",
+        default="",
+        metavar="NAMESPACE/NAME",
+        help="publish models.config by patching this ConfigMap (TF Serving polls it)",
+    )
     p.add_argument("--approve", action="store_true", help="record an approval")
     p.add_argument("--approver", default="", help="who approves")
     p.add_argument("--reason", default="", help="why")

@@ -350,3 +350,29 @@ def test_killed_at_any_step_keeps_production_consistent(env, serve, step):
     assert labels(prod)["stable"] == 2
     state = json.loads((prod / "shapes" / "promotion.json").read_text())
     assert state["previous"] == 1
+
+
+def test_publishing_to_a_configmap_and_a_synced_store(env, tmp_path, monkeypatch):
+    prod, base, _ = env
+    calls = tmp_path / "kubectl-calls.jsonl"
+    fake = tmp_path / "bin" / "kubectl"
+    fake.parent.mkdir()
+    # A stand-in for the kubectl CLI that records its arguments.
+    fake.write_text(
+        "#!/usr/bin/env python3\nimport json, sys\n"
+        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    mirror = tmp_path / "bucket"
+    argv = ["shapes", "1", *base, *APPROVE, "--serving-base-path", "gs://bucket/production",
+            "--sync-cmd", f"mkdir -p {mirror} && cp -r {prod}/. {mirror}/",
+            "--kube-configmap", "tfserving/tfserving-config"]
+    assert main(argv) == 0
+    assert (mirror / "shapes" / "1" / "saved_model.pb").exists()
+    patches = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(patches) == 2  # step 1 (load next to the labelled), step 2 (move the label)
+    assert patches[0][:5] == ["-n", "tfserving", "patch", "configmap", "tfserving-config"]
+    first = json.loads(patches[0][-1])["data"]["models.config"]
+    second = json.loads(patches[1][-1])["data"]["models.config"]
+    assert 'base_path: "gs://bucket/production/shapes"' in first and "stable" not in first
+    assert 'key: "stable"' in second
