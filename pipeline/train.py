@@ -8,15 +8,19 @@ the mean and spread of the validation metric (the final model is still trained o
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import keras
 import keras_tuner as kt
 import numpy as np
+import tensorflow as tf
 
 from pipeline import artifacts as A
 from pipeline.config import Config
@@ -34,13 +38,38 @@ def load_hparams(run_dir: Path) -> tuple[kt.HyperParameters, str]:
     return kt.HyperParameters(), "defaults (tuning skipped)"
 
 
+def distribution_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirrored under TF_CONFIG (a training Job), Mirrored on a multi-GPU node,
+    else the default (one device)."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief() -> bool:
+    """Whether this process writes the results: the only process, the TF_CONFIG "chief", or
+    worker 0 when the cluster has no chief (TensorFlow's convention)."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    if not config:
+        return True
+    task = config.get("task", {})
+    if "chief" in config.get("cluster", {}):
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
 def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
     """Train, save ``model.keras`` and ``history.json``; return the model's path."""
     run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
     spec = load_spec(run_dir)
     hp, origin = load_hparams(run_dir)
     keras.utils.set_random_seed(cfg.train.seed)
-    model = build_model(hp, spec, cfg)
+    strategy = distribution_strategy()
+    with strategy.scope():
+        model = build_model(hp, spec, cfg)
+    chief = is_chief()
     log.info("training %s with %s hyperparameters %s", model.name, origin, hp.values)
     batch: dict[str, Any] = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
     train_ds = make_dataset(
@@ -59,7 +88,9 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=cfg.train.patience, restore_best_weights=True
         ),
-        keras.callbacks.TensorBoard(str(run_dir / A.TENSORBOARD)),
+        keras.callbacks.TensorBoard(
+            str(run_dir / A.TENSORBOARD / ("" if chief else f"worker-{os.getpid()}"))
+        ),
         *(extra_callbacks or []),
     ]
     history = model.fit(
@@ -74,6 +105,12 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
         history = _fine_tune(model, hp, spec, cfg, train_ds, val_ds, history, run_dir, verbose)
 
     out = run_dir / A.MODEL
+    if not chief:
+        # Every worker saves (saving can involve collective ops); only the chief's file stays.
+        with tempfile.TemporaryDirectory() as scratch:
+            model.save(Path(scratch) / A.MODEL)
+        print("train: worker done; the chief saves the model")
+        return out
     tmp = run_dir / f".{A.MODEL}.tmp.keras"
     model.save(tmp)
     tmp.replace(out)

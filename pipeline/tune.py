@@ -10,6 +10,7 @@ and no new trial starts. A trial that raises is recorded as failed and the searc
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,10 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
                 + "\n".join(str(e).splitlines()[:3])
             ) from e
         raise
+    if os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief":
+        # A distributed-search worker: the chief's oracle holds the results and writes them.
+        print(f"tune: worker {os.environ['KERASTUNER_TUNER_ID']} done")
+        return run_dir / A.HPARAMS
     trials = summarize(tuner)
     completed = [t for t in trials if t["status"] == "COMPLETED" and t["score"] is not None]
     if not completed:

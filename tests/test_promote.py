@@ -360,13 +360,23 @@ def test_publishing_to_a_configmap_and_a_synced_store(env, tmp_path, monkeypatch
     # A stand-in for the kubectl CLI that records its arguments.
     fake.write_text(
         "#!/usr/bin/env python3\nimport json, sys\n"
-        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     mirror = tmp_path / "bucket"
-    argv = ["shapes", "1", *base, *APPROVE, "--serving-base-path", "gs://bucket/production",
-            "--sync-cmd", f"mkdir -p {mirror} && cp -r {prod}/. {mirror}/",
-            "--kube-configmap", "tfserving/tfserving-config"]
+    argv = [
+        "shapes",
+        "1",
+        *base,
+        *APPROVE,
+        "--serving-base-path",
+        "gs://bucket/production",
+        "--sync-cmd",
+        f"mkdir -p {mirror} && cp -r {prod}/. {mirror}/",
+        "--kube-configmap",
+        "tfserving/tfserving-config",
+    ]
     assert main(argv) == 0
     assert (mirror / "shapes" / "1" / "saved_model.pb").exists()
     patches = [json.loads(line) for line in calls.read_text().splitlines()]

