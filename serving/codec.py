@@ -184,7 +184,9 @@ def to_numpy(proto: Any) -> np.ndarray:
         arr = np.asarray(field, dtype=np.int32).astype(np.uint16).view(dtype)
     elif code in (DT_COMPLEX64, DT_COMPLEX128):
         pairs = np.asarray(field, dtype=np.float64).reshape(-1, 2)
-        arr = (pairs[:, 0] + 1j * pairs[:, 1]).astype(dtype)
+        # Assign the parts: ``re + 1j * im`` turns an infinite imaginary part into NaN + inf j.
+        arr = np.empty(len(pairs), dtype=dtype)
+        arr.real, arr.imag = pairs[:, 0], pairs[:, 1]
     else:
         arr = np.asarray(field, dtype=dtype)
     return _fill(arr, count, shape)

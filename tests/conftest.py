@@ -10,10 +10,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+from pipeline.config import Config, load_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline.config import Config, load_config
+# CI runs the same examples every time (a failure there is reproducible, not a coin toss);
+# locally hypothesis explores new ones.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 @pytest.fixture(autouse=True)
