@@ -422,7 +422,7 @@ def gate_infra(
         # A copy, not a symlink: a container sees only what is mounted.
         shutil.copytree(candidate, base / candidate.name)
         try:
-            with _fresh_server(runtime, model, base) as target:
+            with FreshServer(runtime, model, base) as target:
                 client = ServingClient(target, model=model, timeout=30)
                 status = client.wait_until_available(int(candidate.name), deadline=120)
                 n = min(64, len(data.labels))
@@ -480,7 +480,9 @@ def gate_infra(
     return Gate("infra", True, summary, numbers)
 
 
-class _fresh_server:
+class FreshServer:
+    """A server that has never seen the candidate, for the infra gate (embedded or docker)."""
+
     def __init__(self, runtime: str, model: str, base: Path):
         self.runtime, self.model, self.base = runtime, model, base
         self._stop: Any = None
@@ -927,11 +929,23 @@ def status(args: argparse.Namespace) -> int:
 
 # --- command line --------------------------------------------------------------------------------
 
+COMMANDS = {
+    "rollback": "Move 'stable' back to the previous promoted version (loaded first if needed).",
+    "finalize": "Make the 'canary' version 'stable' and drop the canary label.",
+    "status": "Versions, labels, the rollback target and the last promotions of a model.",
+}
+EPILOG = """\
+commands: python -m serving.promote MODEL VERSION … (promote),
+          python -m serving.promote {rollback,finalize,status} MODEL --to DIR [--server H:P]
+exit codes: 0 done, 1 refused by a gate or failed (production untouched), 2 invalid arguments or
+configuration, 3 another promotion holds the lock."""
+
 
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m serving.promote{'' if command == 'promote' else ' ' + command}",
-        description=__doc__.split("\n\n")[2] if command == "promote" else f"{command} a model",
+        description=__doc__.split("\n\n")[2] if command == "promote" else COMMANDS[command],
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model")
