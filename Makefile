@@ -106,7 +106,7 @@ $(TOOLS): Makefile
 	touch $@
 
 check-deploy: $(TOOLS) $(STAMP) k8s/overlays/staging/models.config k8s/overlays/production/models.config  ## offline checks of k8s manifests and workflows
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_deploy.py --deploy-tools .venv-tools/bin
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_deploy.py
 
 .PHONY: FORCE rollout check-deploy
 FORCE:
