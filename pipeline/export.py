@@ -78,7 +78,7 @@ def export(cfg: Config) -> Path:
         tmp = base / f".tmp-{version}-{os.getpid()}"
         try:
             build_version(tmp, model, spec, cfg, metrics, x_test, version)
-            _fsync_tree(tmp)
+            A.fsync_tree(tmp)
             final = base / str(version)
             os.rename(tmp, final)  # atomic on one filesystem; fails rather than overwrite
             A.fsync_dir(base)
@@ -395,14 +395,3 @@ def verify_manifest(version_dir: Path) -> list[str]:
         if path.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in listed:
             problems.append(f"{rel}: not in the manifest")
     return problems
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        A.fsync_dir(dirpath)

@@ -381,6 +381,32 @@ class _Base:
         )
         self._metadata: dict[tuple[int | None, str | None], ModelMetadata] = {}
 
+    def _needs_metadata(self, inputs: Mapping[str, Any] | np.ndarray) -> bool:
+        """A bare array needs the input's name; validation needs the whole signature."""
+        return not isinstance(inputs, Mapping) or self.validate_inputs
+
+    def _predict_request(
+        self,
+        inputs: Mapping[str, Any] | np.ndarray,
+        meta: ModelMetadata | None,
+        version: int | None,
+        label: str | None,
+        signature: str,
+        output_filter: Sequence[str],
+    ) -> bytes:
+        default = "inputs"
+        sig = None
+        if meta is not None:
+            sig = meta.signatures.get(signature)
+            if sig is None:
+                raise InvalidInputError(f"model {self.model} has no signature '{signature}'")
+            if len(sig.inputs) == 1:
+                default = next(iter(sig.inputs))
+        arrays = _as_inputs(inputs, default)
+        if sig is not None and self.validate_inputs:
+            check_inputs(sig, arrays)
+        return build_predict(self.model, arrays, version, label, signature, output_filter)
+
     def _choice(self, version: int | None, label: str | None) -> tuple[int | None, str | None]:
         if version is not None or label:
             return version, label
@@ -437,17 +463,8 @@ class ServingClient(_Base):
         """
         version, label = self._choice(version, label)
         signature = signature or self.signature
-        default = "inputs"
-        sig: Signature | None = None
-        if not isinstance(inputs, Mapping) or self.validate_inputs:
-            sig = self.metadata(version=version, label=label).signatures.get(signature)
-            if sig is None:
-                raise InvalidInputError(f"model {self.model} has no signature '{signature}'")
-            default = next(iter(sig.inputs)) if len(sig.inputs) == 1 else default
-        arrays = _as_inputs(inputs, default)
-        if sig is not None and self.validate_inputs:
-            check_inputs(sig, arrays)
-        request = build_predict(self.model, arrays, version, label, signature, output_filter)
+        meta = self.metadata(version=version, label=label) if self._needs_metadata(inputs) else None
+        request = self._predict_request(inputs, meta, version, label, signature, output_filter)
         return parse_predict(self._call("predict", request, timeout))
 
     def classify(
@@ -601,17 +618,10 @@ class AsyncServingClient(_Base):
     ) -> Outputs:
         version, label = self._choice(version, label)
         signature = signature or self.signature
-        default = "inputs"
-        sig: Signature | None = None
-        if not isinstance(inputs, Mapping) or self.validate_inputs:
-            sig = (await self.metadata(version=version, label=label)).signatures.get(signature)
-            if sig is None:
-                raise InvalidInputError(f"model {self.model} has no signature '{signature}'")
-            default = next(iter(sig.inputs)) if len(sig.inputs) == 1 else default
-        arrays = _as_inputs(inputs, default)
-        if sig is not None and self.validate_inputs:
-            check_inputs(sig, arrays)
-        request = build_predict(self.model, arrays, version, label, signature, output_filter)
+        meta = None
+        if self._needs_metadata(inputs):
+            meta = await self.metadata(version=version, label=label)
+        request = self._predict_request(inputs, meta, version, label, signature, output_filter)
         return parse_predict(await self._call("predict", request, timeout))
 
     async def classify(

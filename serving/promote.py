@@ -692,7 +692,7 @@ def push(
     else:
         tmp = paths.model_dir / f".tmp-{version}-{os.getpid()}"
         shutil.copytree(candidate, tmp)
-        _fsync_tree(tmp)
+        A.fsync_tree(tmp)
         os.rename(tmp, dest)
         A.fsync_dir(paths.model_dir)
     pub.sync()
@@ -753,17 +753,6 @@ def apply_retention(paths: Paths, keep: int, pub: Publisher) -> list[int]:
     if drop:
         pub.sync()
     return drop
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        A.fsync_dir(dirpath)
 
 
 def _lock(prod: Path, wait: float) -> Any:

@@ -232,18 +232,9 @@ class ModelManager:
             ServingError: NOT_FOUND / INVALID_ARGUMENT with TF Serving's messages.
         """
         name = model_spec.name
-        choice = model_spec.WhichOneof("version_choice")
         with self._lock:
             model = self._models.get(name)
-            if choice == "version_label":
-                label = model_spec.version_label
-                if model is None or label not in model.labels:
-                    raise invalid(f"Unrecognized servable version label: {label}")
-                version: int | None = model.labels[label]
-            elif choice == "version":
-                version = model_spec.version.value
-            else:
-                version = None
+            version = _requested_version(model, model_spec)
             if version is not None:
                 state = model.versions.get(version) if model else None
                 if state is None or state.servable is None:
@@ -264,16 +255,7 @@ class ModelManager:
             raise invalid("Missing model name in request.")
         with self._lock:
             model = self._models.get(name)
-            choice = model_spec.WhichOneof("version_choice")
-            if choice == "version_label":
-                label = model_spec.version_label
-                if model is None or label not in model.labels:
-                    raise invalid(f"Unrecognized servable version label: {label}")
-                version: int | None = model.labels[label]
-            elif choice == "version":
-                version = model_spec.version.value
-            else:
-                version = None
+            version = _requested_version(model, model_spec)
             if version is not None:
                 state = model.versions.get(version) if model else None
                 if state is None:
@@ -300,6 +282,23 @@ class ModelManager:
                 return True
             time.sleep(0.05)
         return False
+
+
+def _requested_version(model: Model | None, model_spec: Any) -> int | None:
+    """The version a ModelSpec names (directly or by label); None for "latest".
+
+    Raises:
+        ServingError: INVALID_ARGUMENT for a label the model does not have.
+    """
+    choice = model_spec.WhichOneof("version_choice")
+    if choice == "version_label":
+        label = model_spec.version_label
+        if model is None or label not in model.labels:
+            raise invalid(f"Unrecognized servable version label: {label}")
+        return model.labels[label]
+    if choice == "version":
+        return int(model_spec.version.value)
+    return None
 
 
 def _copy(state: VersionState) -> VersionState:
