@@ -73,15 +73,12 @@ def entrypoint(tmp_path):
 
 
 def _mounts(entrypoint: Path) -> list[Path]:
-    return sorted(
-        {
-            Path("/usr"),
-            Path(sys.base_prefix).parent.parent,
-            Path(sys.prefix),
-            ROOT,
-            entrypoint.parent,
-        }
-    )
+    """This machine's Python (interpreter, virtualenv, project) seen at the same paths inside."""
+    paths = {Path("/usr"), Path(sys.prefix), ROOT, entrypoint.parent}
+    base = Path(sys.base_prefix)
+    if not base.is_relative_to("/usr"):
+        paths.add(base)
+    return sorted(paths)
 
 
 def _leftovers(client) -> list:
