@@ -81,11 +81,20 @@ def _mounts(entrypoint: Path) -> list[Path]:
     return sorted(paths)
 
 
-def _leftovers(client) -> list:
-    return client.containers.list(all=True, filters={"label": "tfserving-pipeline=1"})
+def _ours(client) -> set[str]:
+    return {
+        c.id for c in client.containers.list(all=True, filters={"label": "tfserving-pipeline=1"})
+    }
 
 
-def test_start_predict_and_cleanup(engine, entrypoint, tmp_path, library):
+@pytest.fixture
+def no_leftovers(engine):
+    """Asserts that the test removed every container it started (others may run meanwhile)."""
+    before = _ours(engine)
+    yield lambda: _ours(engine) - before
+
+
+def test_start_predict_and_cleanup(engine, entrypoint, tmp_path, library, no_leftovers):
     from serving.client import ServingClient
 
     base = tmp_path / "tiny"
@@ -107,10 +116,12 @@ def test_start_predict_and_cleanup(engine, entrypoint, tmp_path, library):
         with ServingClient(f"127.0.0.1:{container.port}", model="tiny") as client:
             out = client.predict({"x": np.ones((1, 2), np.float32)})
             assert out.version == 1
-    assert not _leftovers(engine)
+    assert not no_leftovers()
 
 
-def test_failing_start_reports_the_logs_and_cleans_up(engine, entrypoint, tmp_path, library):
+def test_failing_start_reports_the_logs_and_cleans_up(
+    engine, entrypoint, tmp_path, library, no_leftovers
+):
     base = tmp_path / "tiny"
     library.copy(base, 1)
     container = TFServingContainer(
@@ -127,13 +138,13 @@ def test_failing_start_reports_the_logs_and_cleans_up(engine, entrypoint, tmp_pa
     with pytest.raises(DockerLaunchError, match="exited with status 2") as e:
         container.start()
     assert "unrecognized arguments: --no_such_flag" in str(e.value)  # the server's own words
-    assert not _leftovers(engine)
+    assert not no_leftovers()
     (tmp_path / "bad.config").write_text("this is not a text proto")
     with pytest.raises(DockerLaunchError, match="not a readable ModelServerConfig"):
         TFServingContainer(image=IMAGE, model_config_file=tmp_path / "bad.config").start()
 
 
-def test_interrupt_still_removes_the_container(engine, entrypoint, tmp_path, library):
+def test_interrupt_still_removes_the_container(engine, entrypoint, tmp_path, library, no_leftovers):
     base = tmp_path / "tiny"
     library.copy(base, 1)
     container = TFServingContainer(
@@ -148,7 +159,7 @@ def test_interrupt_still_removes_the_container(engine, entrypoint, tmp_path, lib
     )
     with pytest.raises(KeyboardInterrupt), container:
         raise KeyboardInterrupt
-    assert not _leftovers(engine)
+    assert not no_leftovers()
 
 
 def test_flags_match_the_embedded_server():
