@@ -51,8 +51,8 @@ REGRESS_METHOD = "tensorflow/serving/regress"
 PREDICT_METHOD = "tensorflow/serving/predict"
 
 
-def export(cfg: Config) -> Path:
-    """Publish the run's model as a new version; return the version directory."""
+def export(cfg: Config) -> Path | str:
+    """Publish the run's model as a new version; return its directory (a URI when remote)."""
     import keras
     from filelock import FileLock, Timeout
 
@@ -62,6 +62,11 @@ def export(cfg: Config) -> Path:
     metrics = A.read_json(A.require(run_dir / A.METRICS, "evaluate"))
     x_test, _ = to_numpy(make_dataset(spec, "test", batch_size=256, cache=False))
 
+    if "://" in cfg.export.model_base_path:
+        final_uri = export_remote(cfg, model, spec, metrics, x_test)
+        A.write_json(run_dir / A.EXPORTED, {"path": final_uri})
+        print(f"export: {final_uri}")
+        return final_uri
     base = Path(cfg.export.model_base_path) / cfg.model.name
     base.mkdir(parents=True, exist_ok=True)
     try:
@@ -91,6 +96,38 @@ def export(cfg: Config) -> Path:
     A.write_json(run_dir / A.EXPORTED, {"version": version, "path": str(final)})
     print(f"export: {final} (version {version})")
     return final
+
+
+def export_remote(
+    cfg: Config, model: Any, spec: DataSpec, metrics: dict[str, Any], x_test: dict[str, np.ndarray]
+) -> str:
+    """Export to an object store (``gs://``, ``s3://``…) through ``tf.io.gfile``.
+
+    Object stores have no atomic directory rename, so the version is built and checked
+    locally, then copied with ``saved_model.pb`` last: TF Serving does not treat a version
+    directory without it as a model yet. There is no cross-process lock on a bucket: run one
+    export per model at a time (CI's concurrency group does).
+    """
+    import tempfile
+
+    gfile = tf.io.gfile
+    base = f"{cfg.export.model_base_path.rstrip('/')}/{cfg.model.name}"
+    gfile.makedirs(base)
+    existing = [int(n.rstrip("/")) for n in gfile.listdir(base) if n.rstrip("/").isdigit()]
+    version = max(existing, default=0) + 1
+    dest = f"{base}/{version}"
+    if gfile.exists(dest):
+        raise PipelineError(f"{dest}: exists; versions are never overwritten")
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        local = Path(tmp) / str(version)
+        build_version(local, model, spec, cfg, metrics, x_test, version)
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == "saved_model.pb")  # the marker goes last
+        for path in files:
+            target = f"{dest}/{path.relative_to(local).as_posix()}"
+            gfile.makedirs(target.rsplit("/", 1)[0])
+            gfile.copy(str(path), target, overwrite=False)
+    return dest
 
 
 def next_version(base: Path) -> int:

@@ -263,3 +263,18 @@ def test_export_requires_evaluation(tmp_path):
     train(cfg)
     with pytest.raises(PipelineError, match="run `python -m pipeline evaluate` first"):
         export(cfg)
+
+
+def test_export_to_an_object_store_path(trained):
+    """ram:// is TensorFlow's in-memory filesystem: the same tf.io.gfile path as gs://."""
+    from dataclasses import replace
+
+    _, cfg = trained
+    remote = replace(cfg, export=replace(cfg.export, model_base_path="ram://bucket/models"))
+    first = export(remote)
+    second = export(remote)
+    assert (first, second) == ("ram://bucket/models/shapes/1", "ram://bucket/models/shapes/2")
+    names = tf.io.gfile.listdir("ram://bucket/models/shapes/2")
+    assert {"saved_model.pb", "variables", "assets.extra"} <= {n.rstrip("/") for n in names}
+    loaded = tf.saved_model.load("ram://bucket/models/shapes/2")
+    assert "serving_default" in loaded.signatures
