@@ -54,8 +54,11 @@ class DataConfig:
     # so identical rows always land in the same split and never leak from train into test).
     key_column: str = ""
     csv_delimiter: str = ","
-    image_size: tuple[int, int] = (8, 8)
-    channels: int = 1
+    # Images are resized to [height, width] with `channels` (1 or 3) at ingest. Left out (or
+    # [] / 0): the schema's, or on a first ingest the most common size (longer side capped at
+    # 160) and 1 channel when every image is grayscale, else 3.
+    image_size: tuple[int, ...] = ()
+    channels: int = 0
     split: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2})
     shard_size: int = 1000
     compression: Literal["GZIP", "NONE"] = "GZIP"
@@ -79,9 +82,15 @@ class DataConfig:
         if self.split["train"] <= 0:
             raise ConfigError("data.split.train: must be > 0")
         _positive("data.shard_size", self.shard_size)
-        _positive("data.image_size", min(self.image_size))
-        if self.channels not in (1, 3):
-            raise ConfigError(f"data.channels: expected 1 or 3, got {self.channels}")
+        if len(self.image_size) not in (0, 2):
+            raise ConfigError(
+                f"data.image_size: expected [height, width] (or [] for auto), got "
+                f"{list(self.image_size)}"
+            )
+        if self.image_size:
+            _positive("data.image_size", min(self.image_size))
+        if self.channels not in (0, 1, 3):
+            raise ConfigError(f"data.channels: expected 1, 3 or 0 (auto), got {self.channels}")
         if not 0.0 <= self.max_bad_fraction < 1.0:
             raise ConfigError(
                 f"data.max_bad_fraction: {self.max_bad_fraction} is not within [0, 1)"

@@ -178,6 +178,16 @@ def validate(
                     schema_min=entry["min"],
                     schema_max=entry["max"],
                 )
+        elif kind == "image":
+            if fstats["shape"] and fstats["shape"] != entry["shape"]:
+                add(
+                    "type_change",
+                    name,
+                    f"images are {fstats['shape']} but the schema says {entry['shape']}; set "
+                    "data.image_size/channels to the schema's or delete the schema",
+                    expected=entry["shape"],
+                    actual=fstats["shape"],
+                )
         elif kind == "string":
             vocab = set(entry["vocabulary"])
             unseen = {k: c for k, c in fstats["values"].items() if k not in vocab}

@@ -8,7 +8,8 @@ Feature kinds:
     ``float``  a scalar number (missing allowed)
     ``string`` a categorical value (missing allowed)
     ``vector`` a fixed-length float vector (NumPy ``x`` of rank 2)
-    ``image``  uint8 pixels, already resized to ``data.image_size`` and ``data.channels``
+    ``image``  uint8 pixels, resized to the source's :class:`Geometry` (``data.image_size`` and
+               ``data.channels``, else the schema's, else inferred from the images)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import io
 import math
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +63,73 @@ class Profile:
     label_kind: str  # "string" | "float"
 
 
-class Source:
-    """A streaming data source."""
+MAX_AUTO_SIDE = 160
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
-    def profile(self, known_kinds: dict[str, str] | None) -> Profile:
+
+@dataclass(frozen=True)
+class Geometry:
+    """The [height, width, channels] every image is converted to at ingest."""
+
+    height: int
+    width: int
+    channels: int
+
+    def fit(self, img: Any) -> np.ndarray:
+        """A PIL image → uint8 array of this geometry (converted, then resized)."""
+        from PIL import Image
+
+        converted = img.convert("L" if self.channels == 1 else "RGB")
+        if converted.size != (self.width, self.height):
+            converted = converted.resize((self.width, self.height), Image.Resampling.BILINEAR)
+        return np.asarray(converted, dtype=np.uint8).reshape(self.height, self.width, self.channels)
+
+
+def resolve_geometry(
+    cfg: DataConfig,
+    known: dict[str, Any] | None,
+    feature: str,
+    observe: Any,
+) -> Geometry:
+    """Explicit config first, then the schema's shape, then what the data looks like.
+
+    ``observe()`` returns (Counter of (width, height), Counter of PIL modes) and is only called
+    when something is left to infer.
+    """
+    shape = (known or {}).get(feature, {}).get("shape")
+    height, width = cfg.image_size or ((shape[0], shape[1]) if shape else (0, 0))
+    channels = cfg.channels or (shape[2] if shape else 0)
+    if not (height and channels):
+        sizes, modes = observe()
+        if not sizes:
+            raise PipelineError("data.source: no readable image to infer data.image_size from")
+        if not height:
+            (w, h), _ = sizes.most_common(1)[0]
+            scale = min(1.0, MAX_AUTO_SIDE / max(w, h))
+            height, width = max(1, round(h * scale)), max(1, round(w * scale))
+        if not channels:
+            channels = 1 if set(modes) <= GRAY_MODES else 3
+    return Geometry(int(height), int(width), int(channels))
+
+
+def _image_header(data: Any) -> tuple[tuple[int, int], str] | None:
+    """(size, mode) from an image file or bytes without decoding the pixels; None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            return img.size, img.mode
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+class Source:
+    """A streaming data source. ``geometry`` is set by :meth:`profile` for image data."""
+
+    geometry: Geometry | None = None
+
+    def profile(self, known: dict[str, Any] | None) -> Profile:
+        """First pass; ``known`` is the schema's features (None on a first ingest)."""
         raise NotImplementedError
 
     def records(self, kinds: dict[str, str]) -> Iterator[Record | BadRecord]:
@@ -132,9 +197,7 @@ class ImageFolderSource(Source):
 
     def __init__(self, root: Path, cfg: DataConfig):
         self.root = root
-        self.size = (cfg.image_size[1], cfg.image_size[0])  # PIL wants (width, height)
-        self.mode = "L" if cfg.channels == 1 else "RGB"
-        self.channels = cfg.channels
+        self.cfg = cfg
         if not root.is_dir():
             raise PipelineError(f"data.source: {root} is not a directory of class folders")
 
@@ -146,32 +209,41 @@ class ImageFolderSource(Source):
                 if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
                     yield class_dir.name, path
 
-    def profile(self, known_kinds: dict[str, str] | None) -> Profile:
-        rows = sum(1 for _ in self._files())
-        if rows == 0:
+    def profile(self, known: dict[str, Any] | None) -> Profile:
+        files = [path for _, path in self._files()]
+        if not files:
             raise PipelineError(
                 f"data.source: {self.root} has no images ({', '.join(IMAGE_EXTENSIONS)}) "
                 "in class sub-folders"
             )
-        return Profile({"image": "image"}, {}, rows, "string")
+
+        def observe() -> tuple[Counter[tuple[int, int]], Counter[str]]:
+            sizes: Counter[tuple[int, int]] = Counter()
+            modes: Counter[str] = Counter()
+            for path in files:
+                header = _image_header(path)
+                if header:
+                    sizes[header[0]] += 1
+                    modes[header[1]] += 1
+            return sizes, modes
+
+        self.geometry = resolve_geometry(self.cfg, known, "image", observe)
+        return Profile({"image": "image"}, {}, len(files), "string")
 
     def records(self, kinds: dict[str, str]) -> Iterator[Record | BadRecord]:
         from PIL import Image, UnidentifiedImageError
 
+        assert self.geometry is not None, "profile() first"
         for label, path in self._files():
             rel = path.relative_to(self.root).as_posix()
             try:
                 with Image.open(path) as img:
                     img.load()  # raises on truncated or corrupt pixel data
                     size, mode = img.size, img.mode
-                    converted = img.convert(self.mode)
-                    if converted.size != self.size:
-                        converted = converted.resize(self.size, Image.Resampling.BILINEAR)
-                    pixels = np.asarray(converted, dtype=np.uint8)
+                    pixels = self.geometry.fit(img)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
                 yield BadRecord(str(path), f"cannot decode image: {e}")
                 continue
-            pixels = pixels.reshape(self.size[1], self.size[0], self.channels)
             yield Record(
                 key=rel.encode(),
                 origin=str(path),
@@ -397,7 +469,7 @@ class NpzSource(Source):
             )
         return archive, x, y
 
-    def profile(self, known_kinds: dict[str, str] | None) -> Profile:
+    def profile(self, known: dict[str, Any] | None) -> Profile:
         archive, x, y = self._open()
         with archive:
             if len(x.shape) == 2:
@@ -411,6 +483,14 @@ class NpzSource(Source):
                 kinds = {"x": "vector"}
             else:
                 kinds, ranges = {"image": "image"}, {}
+                h, w = x.row_shape[:2]
+                c = x.row_shape[2] if len(x.row_shape) == 3 else 1
+                self.geometry = resolve_geometry(
+                    self.cfg,
+                    known,
+                    "image",
+                    lambda: (Counter({(w, h): 1}), Counter({"L" if c == 1 else "RGB": 1})),
+                )
             label_kind = "string" if y.dtype.kind in "biuSUO" else "float"
             return Profile(kinds, ranges, x.shape[0], label_kind)
 
@@ -418,7 +498,7 @@ class NpzSource(Source):
         from PIL import Image
 
         archive, x, y = self._open()
-        height, width = self.cfg.image_size
+        geometry = self.geometry
         row = 0
         with archive:
             for xs, ys in zip(x.chunks(self.CHUNK), y.chunks(self.CHUNK)):
@@ -439,12 +519,10 @@ class NpzSource(Source):
                         img = img.astype(np.uint8)
                     meta = {"width": img.shape[1], "height": img.shape[0]}
                     meta["mode"] = {1: "L", 3: "RGB", 4: "RGBA"}.get(img.shape[2], "?")
-                    if img.shape[2] != self.cfg.channels or img.shape[:2] != (height, width):
-                        pil = Image.fromarray(img.squeeze(-1) if img.shape[2] == 1 else img)
-                        pil = pil.convert("L" if self.cfg.channels == 1 else "RGB")
-                        pil = pil.resize((width, height), Image.Resampling.BILINEAR)
-                        img = np.asarray(pil, dtype=np.uint8).reshape(
-                            height, width, self.cfg.channels
+                    assert geometry is not None, "profile() first"
+                    if img.shape != (geometry.height, geometry.width, geometry.channels):
+                        img = geometry.fit(
+                            Image.fromarray(img.squeeze(-1) if img.shape[2] == 1 else img)
                         )
                     yield Record(key, origin, label_text, {"image": img}, meta)
 
@@ -493,9 +571,11 @@ class TFRecordSource(Source):
                 out[name] = ("int", list(feat.int64_list.value))
         return out
 
-    def profile(self, known_kinds: dict[str, str] | None) -> Profile:
+    def profile(self, known: dict[str, Any] | None) -> Profile:
         kinds: dict[str, str] = {}
         ranges: dict[str, tuple[float, float]] = {}
+        sizes: Counter[tuple[int, int]] = Counter()
+        modes: Counter[str] = Counter()
         rows = 0
         label_kind = ""
         for _origin, raw, _error in self._examples():
@@ -517,6 +597,11 @@ class TFRecordSource(Source):
                 else:
                     guess = "float"
                 kinds.setdefault(name, guess)
+                if guess == "image" and sum(sizes.values()) < 10000:
+                    header = _image_header(values[0])
+                    if header:
+                        sizes[header[0]] += 1
+                        modes[header[1]] += 1
                 if guess in ("float", "vector") and values:
                     lo, hi = ranges.get(name, (math.inf, -math.inf))
                     finite = [v for v in values if math.isfinite(v)]
@@ -528,13 +613,15 @@ class TFRecordSource(Source):
             raise PipelineError(
                 f"data.source: no example has the label feature {self.cfg.label_column!r}"
             )
+        images = [n for n, k in kinds.items() if k == "image"]
+        if images:
+            self.geometry = resolve_geometry(self.cfg, known, images[0], lambda: (sizes, modes))
         return Profile(kinds, ranges, rows, label_kind)
 
     def records(self, kinds: dict[str, str]) -> Iterator[Record | BadRecord]:
         from PIL import Image
 
-        height, width = self.cfg.image_size
-        mode = "L" if self.cfg.channels == 1 else "RGB"
+        geometry = self.geometry
         for origin, raw, error in self._examples():
             if raw is None:
                 yield BadRecord(origin, error)
@@ -560,13 +647,11 @@ class TFRecordSource(Source):
                 _, values = feats[name]
                 if kind == "image":
                     try:
+                        assert geometry is not None, "profile() first"
                         with Image.open(io.BytesIO(values[0])) as img:
                             img.load()
                             meta = {"width": img.size[0], "height": img.size[1], "mode": img.mode}
-                            pil = img.convert(mode).resize((width, height))
-                        features[name] = np.asarray(pil, dtype=np.uint8).reshape(
-                            height, width, self.cfg.channels
-                        )
+                            features[name] = geometry.fit(img)
                     except (OSError, ValueError, SyntaxError) as e:
                         bad = f"feature {name!r}: cannot decode image: {e}"
                         break

@@ -344,3 +344,32 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main([*args, "--config", str(tmp_path / "e.toml")]) == 1
     assert "data gate failed" in capsys.readouterr().err
     assert main([*args, "--config", str(tmp_path / "e.toml"), "--set", "train.epochs=0"]) == 2
+
+
+def test_image_geometry_is_inferred_then_kept(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for cls, color in (("hotdog", (200, 40, 40)), ("not_hotdog", (40, 200, 40))):
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (300 + i % 2, 200), color).save(root / cls / f"{i}.jpg")
+    result = ingest(config(tmp_path, f'data.source="{root}"'))  # no image_size, no channels
+    schema = json.loads((result.run_dir / "schema.json").read_text())
+    # The most common size with the longer side capped at 160, and 3 channels for color.
+    assert schema["features"]["image"]["shape"] == [107, 160, 3]
+    # A later ingest of differently sized images keeps the schema's geometry.
+    Image.new("L", (640, 480), 128).save(root / "hotdog" / "gray.png")
+    again = ingest(config(tmp_path, f'data.source="{root}"', "run_id=again"))
+    stats = json.loads((again.run_dir / "stats.json").read_text())
+    assert stats["all"]["features"]["image"]["shape"] == [107, 160, 3]
+
+
+def test_explicit_geometry_that_contradicts_the_schema_blocks(tmp_path, image_dir):
+    ingest(config(tmp_path, f'data.source="{image_dir}"'))
+    with pytest.raises(IngestBlocked, match=r"type_change image: images are \[16, 16, 1\]"):
+        ingest(
+            config(
+                tmp_path, f'data.source="{image_dir}"', "data.image_size=[16,16]", "run_id=bigger"
+            )
+        )
