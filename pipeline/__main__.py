@@ -108,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # TensorFlow's own INFO chatter (asset writes, renamed captures) is not the user's business.
+    for noisy in ("absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = _config(args)
         if args.command == "sample-data":
