@@ -48,7 +48,6 @@ SIGNATURE, LABELS_FILE = A.SIGNATURE, A.LABELS_FILE
 HIGH_WATER = ".last_version"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
-PREDICT_METHOD = "tensorflow/serving/predict"
 
 
 def export(cfg: Config) -> Path | str:

@@ -307,7 +307,7 @@ class CsvSource(Source):
             )
         return f, header, reader
 
-    def profile(self, known_kinds: dict[str, str] | None) -> Profile:
+    def profile(self, known: dict[str, Any] | None) -> Profile:
         """Infer each column's kind: numeric when (nearly) every non-empty value parses.
 
         A column whose unparsable values stay within ``data.max_bad_fraction`` of its non-empty

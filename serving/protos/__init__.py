@@ -27,7 +27,6 @@ def message(full_name: str) -> Any:
 
 TensorProto = message("tensorflow.TensorProto")
 Example = message("tensorflow.Example")
-SignatureDef = message("tensorflow.SignatureDef")
 ModelSpec = message("tensorflow.serving.ModelSpec")
 PredictRequest = message("tensorflow.serving.PredictRequest")
 PredictResponse = message("tensorflow.serving.PredictResponse")

@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000
-PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 INTERNAL_SIGNATURES = ("__saved_model_init_op",)
