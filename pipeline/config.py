@@ -149,7 +149,8 @@ class AugmentConfig:
 class ModelConfig:
     """What is learned: the task, the model family and its fine-tuning base."""
 
-    name: str = "digits"
+    # models/NAME/VERSION; left empty, it is derived from data.source ("data/churn.csv" → churn).
+    name: str = ""
     task: Task = "multiclass"
     kind: Literal["auto", "cnn", "mlp", "finetune"] = "auto"
     # Fine-tuning: a keras.applications name (e.g. "MobileNetV2") or a path to a .keras file.
@@ -164,10 +165,8 @@ class ModelConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            raise ConfigError(
-                f"model.name: {self.name!r} must be non-empty and use only letters, digits, - _ ."
-            )
+        if not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"model.name: {self.name!r} may use only letters, digits, - _ .")
         if self.kind == "finetune" and not self.base_model:
             raise ConfigError("model.base_model: required when model.kind = 'finetune'")
         if self.fine_tune_layers < 0:
@@ -343,7 +342,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path}: invalid TOML: {e}") from e
     for item in overrides:
         _apply_override(table, item)
-    return _build(Config, table, "")
+    cfg = _build(Config, table, "")
+    if not cfg.model.name:
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, name=derived_name(cfg.data.source))
+        )
+    return cfg
+
+
+def derived_name(source: str) -> str:
+    """A model name from a data source path: its file or folder name, made name-safe."""
+    stem = Path(source.rstrip("/")).name.split(".")[0]
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem).strip("-")
+    return name or "model"
 
 
 def _apply_override(table: dict[str, Any], item: str) -> None:

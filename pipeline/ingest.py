@@ -219,6 +219,8 @@ def ingest(cfg: Config) -> IngestResult:
         A.write_json(run_dir / A.STATS, stats)
         if any(a.blocking for a in anomalies):
             raise IngestBlocked(anomalies, run_dir / A.ANOMALIES)
+        # Checked before anything is published: a label that cannot work stops the stage.
+        vocab = label_vocabulary(cfg, schema, stats) if label_kind == "string" else None
 
         A.fsync_dir(tmp)
         tmp.rename(run_dir / A.SHARDS)
@@ -229,10 +231,8 @@ def ingest(cfg: Config) -> IngestResult:
     if first:
         A.write_json(schema_path, schema)
     A.write_json(run_dir / A.SCHEMA, schema)
-    if label_kind == "string":
-        A.atomic_write_text(
-            run_dir / A.LABELS, "\n".join(label_vocabulary(cfg, schema, stats)) + "\n"
-        )
+    if vocab is not None:
+        A.atomic_write_text(run_dir / A.LABELS, "\n".join(vocab) + "\n")
     A.write_json(
         run_dir / "ingest.json",
         {
@@ -260,7 +260,23 @@ def label_vocabulary(cfg: Config, schema: dict[str, Any], stats: dict[str, Any])
         vocab = [v for v in vocab if v != positive] + [positive]
     elif cfg.model.task == "multiclass" and len(vocab) < 2:
         raise PipelineError(f"classification needs at least 2 classes, data has {vocab}")
+    examples = sum(stats["all"]["label"]["classes"].values())
+    if len(vocab) > 100 and len(vocab) > examples / 2 and _all_numeric(vocab):
+        raise PipelineError(
+            f"label {cfg.data.label_column!r} has {len(vocab)} distinct numeric values in "
+            f"{examples} examples: it looks like a regression target; set model.task = "
+            "'regression' (or check data.label_column)"
+        )
     return vocab
+
+
+def _all_numeric(values: list[str]) -> bool:
+    try:
+        for v in values:
+            float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_record(item: Record, label_kind: str, vector_len: dict[str, int]) -> Record | BadRecord:

@@ -80,3 +80,9 @@ def test_config_is_frozen(tmp_path):
 def test_repository_default_config_is_valid():
     cfg = load_config(Path(__file__).parent.parent / "pipeline.toml")
     assert cfg.data.source == "data/digits"
+
+
+def test_model_name_defaults_to_the_data_source(tmp_path):
+    assert _load(tmp_path, "", 'data.source="data/My Churn.v2.csv"').model.name == "My-Churn"
+    assert _load(tmp_path, "", 'data.source="/x/hotdogs/"').model.name == "hotdogs"
+    assert _load(tmp_path, "", "model.name=keep").model.name == "keep"

@@ -373,3 +373,11 @@ def test_explicit_geometry_that_contradicts_the_schema_blocks(tmp_path, image_di
                 tmp_path, f'data.source="{image_dir}"', "data.image_size=[16,16]", "run_id=bigger"
             )
         )
+
+
+def test_a_numeric_target_under_a_classification_task_is_caught(tmp_path):
+    rows = [[i * 0.1, i * 0.2, "red", f"{i * 1.37:.2f}"] for i in range(300)]
+    path = write_csv(tmp_path / "reg.csv", HEADER, rows)
+    with pytest.raises(PipelineError, match="looks like a regression target"):
+        ingest(config(tmp_path, f'data.source="{path}"'))
+    assert not list((tmp_path / "artifacts").glob("*/shards"))  # nothing was published
