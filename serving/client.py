@@ -407,6 +407,14 @@ class _Base:
             check_inputs(sig, arrays)
         return build_predict(self.model, arrays, version, label, signature, output_filter)
 
+    def _request(self, cls: Any, version: int | None, label: str | None) -> Any:
+        """A metadata or status request for this model (metadata asks for signature_def)."""
+        request = cls()
+        if cls is protos.GetModelMetadataRequest:
+            request.metadata_field.append("signature_def")
+        _model_spec(request.model_spec, self.model, version, label, None)
+        return request
+
     def _choice(self, version: int | None, label: str | None) -> tuple[int | None, str | None]:
         if version is not None or label:
             return version, label
@@ -511,8 +519,7 @@ class ServingClient(_Base):
         version, label = self._choice(version, label)
         key = (version, label)
         if refresh or key not in self._metadata:
-            request = protos.GetModelMetadataRequest(metadata_field=["signature_def"])
-            _model_spec(request.model_spec, self.model, version, label, None)
+            request = self._request(protos.GetModelMetadataRequest, version, label)
             self._metadata[key] = parse_metadata(self._call("metadata", request, timeout))
         return self._metadata[key]
 
@@ -520,8 +527,7 @@ class ServingClient(_Base):
         self, version: int | None = None, *, label: str | None = None, timeout: float | None = None
     ) -> list[VersionStatus]:
         """GetModelStatus: every version the server knows of (or one)."""
-        request = protos.GetModelStatusRequest()
-        _model_spec(request.model_spec, self.model, version, label, None)
+        request = self._request(protos.GetModelStatusRequest, version, label)
         return parse_status(self._call("status", request, timeout))
 
     def wait_until_available(
@@ -660,16 +666,14 @@ class AsyncServingClient(_Base):
         version, label = self._choice(version, label)
         key = (version, label)
         if key not in self._metadata:
-            request = protos.GetModelMetadataRequest(metadata_field=["signature_def"])
-            _model_spec(request.model_spec, self.model, version, label, None)
+            request = self._request(protos.GetModelMetadataRequest, version, label)
             self._metadata[key] = parse_metadata(await self._call("metadata", request, timeout))
         return self._metadata[key]
 
     async def status(
         self, version: int | None = None, *, label: str | None = None, timeout: float | None = None
     ) -> list[VersionStatus]:
-        request = protos.GetModelStatusRequest()
-        _model_spec(request.model_spec, self.model, version, label, None)
+        request = self._request(protos.GetModelStatusRequest, version, label)
         return parse_status(await self._call("status", request, timeout))
 
     async def close(self) -> None:

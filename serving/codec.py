@@ -47,6 +47,7 @@ _NUMPY: dict[int, Any] = {
 if _bfloat16 is not None:
     _NUMPY[DT_BFLOAT16] = _bfloat16
 _DTYPE_OF = {np.dtype(t): code for code, t in _NUMPY.items()}
+NUMERIC_DTYPES = frozenset(_DTYPE_OF)
 
 # The typed field TensorFlow uses for each dtype (tensor.proto).
 _FIELD = {

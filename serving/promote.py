@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -192,10 +193,18 @@ def load_eval_data(cfg: PromoteConfig, candidate: Path, artifacts: str) -> EvalD
     return EvalData(x, labels, spec.task, f"{run_dir} (test split, {n} examples)")
 
 
+@functools.lru_cache(maxsize=4)
+def _serving_fn(version_dir: Path) -> Any:
+    """The version's serving_default, loaded once: the quality and infra gates both call it."""
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+
+
 def predict_local(version_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
-    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    fn = _serving_fn(version_dir)
     outs: dict[str, list[np.ndarray]] = {}
     n = len(next(iter(inputs.values())))
     for start in range(0, n, 256):

@@ -86,27 +86,8 @@ def tensor_parts(array: np.ndarray) -> tuple[list[Any], int]:
     return [bytes(header), content], len(header) + len(content)
 
 
-_LITTLE = {
-    np.dtype(t)
-    for t in (
-        np.float16,
-        np.float32,
-        np.float64,
-        np.int8,
-        np.int16,
-        np.int32,
-        np.int64,
-        np.uint8,
-        np.uint16,
-        np.uint32,
-        np.uint64,
-        np.bool_,
-        np.complex64,
-        np.complex128,
-    )
-}
-if np.little_endian is False:  # pragma: no cover - the wire is little-endian
-    _LITTLE = set()
+# Plain numeric dtypes go on the wire as raw bytes (bfloat16's numpy type has no buffer format).
+_LITTLE = {dt for dt in codec.NUMERIC_DTYPES if dt.kind != "V"} if np.little_endian else set()
 
 
 def encode_tensor(array: np.ndarray) -> bytes:

@@ -81,6 +81,20 @@ def _mounts(entrypoint: Path) -> list[Path]:
     return sorted(paths)
 
 
+def _container(base: Path, entrypoint: Path, **kwargs) -> TFServingContainer:
+    """The launcher on the test image, serving `tiny` from ``base`` on free loopback ports."""
+    return TFServingContainer(
+        image=IMAGE,
+        model_name="tiny",
+        model_base_path=base,
+        port=free_port(),
+        rest_api_port=free_port(),
+        entrypoint=str(entrypoint),
+        extra_volumes=_mounts(entrypoint),
+        **kwargs,
+    )
+
+
 def _ours(client) -> set[str]:
     return {
         c.id for c in client.containers.list(all=True, filters={"label": "tfserving-pipeline=1"})
@@ -99,16 +113,7 @@ def test_start_predict_and_cleanup(engine, entrypoint, tmp_path, library, no_lef
 
     base = tmp_path / "tiny"
     library.copy(base, 1)
-    container = TFServingContainer(
-        image=IMAGE,
-        model_name="tiny",
-        model_base_path=base,
-        port=free_port(),
-        rest_api_port=free_port(),
-        entrypoint=str(entrypoint),
-        extra_volumes=_mounts(entrypoint),
-        start_timeout=120,
-    )
+    container = _container(base, entrypoint, start_timeout=120)
     with container:
         assert container.container.attrs["HostConfig"]["NetworkMode"] == "host"
         mounts = {m["Destination"]: m for m in container.container.attrs["Mounts"]}
@@ -124,17 +129,7 @@ def test_failing_start_reports_the_logs_and_cleans_up(
 ):
     base = tmp_path / "tiny"
     library.copy(base, 1)
-    container = TFServingContainer(
-        image=IMAGE,
-        model_name="tiny",
-        model_base_path=base,
-        port=free_port(),
-        rest_api_port=free_port(),
-        entrypoint=str(entrypoint),
-        extra_flags=["--no_such_flag"],
-        extra_volumes=_mounts(entrypoint),
-        start_timeout=60,
-    )
+    container = _container(base, entrypoint, start_timeout=60, extra_flags=["--no_such_flag"])
     with pytest.raises(DockerLaunchError, match="exited with status 2") as e:
         container.start()
     assert "unrecognized arguments: --no_such_flag" in str(e.value)  # the server's own words
@@ -147,16 +142,7 @@ def test_failing_start_reports_the_logs_and_cleans_up(
 def test_interrupt_still_removes_the_container(engine, entrypoint, tmp_path, library, no_leftovers):
     base = tmp_path / "tiny"
     library.copy(base, 1)
-    container = TFServingContainer(
-        image=IMAGE,
-        model_name="tiny",
-        model_base_path=base,
-        port=free_port(),
-        rest_api_port=free_port(),
-        entrypoint=str(entrypoint),
-        extra_volumes=_mounts(entrypoint),
-        start_timeout=120,
-    )
+    container = _container(base, entrypoint, start_timeout=120)
     with pytest.raises(KeyboardInterrupt), container:
         raise KeyboardInterrupt
     assert not no_leftovers()

@@ -155,28 +155,46 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return _serve(self.core, request.model_spec.name, "predict", context, handle)
 
     def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def handle() -> Any:
-            servable, sig, outputs = self.core.infer_examples(
-                request.model_spec, CLASSIFY_METHOD, examples_of(request.input)
-            )
-            response = classification_pb2.ClassificationResponse()
-            _spec(response.model_spec, servable, sig)
-            response.result.CopyFrom(classifications(outputs))
-            return response
-
-        return _serve(self.core, request.model_spec.name, "classify", context, handle)
+        return self._examples(
+            request,
+            context,
+            CLASSIFY_METHOD,
+            "classify",
+            classification_pb2.ClassificationResponse,
+            classifications,
+        )
 
     def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._examples(
+            request,
+            context,
+            REGRESS_METHOD,
+            "regress",
+            regression_pb2.RegressionResponse,
+            regressions,
+        )
+
+    def _examples(
+        self,
+        request: Any,
+        context: grpc.ServicerContext,
+        method: str,
+        api: str,
+        response_cls: Any,
+        to_result: Callable[[dict[str, np.ndarray]], Any],
+    ) -> Any:
+        """Classify/Regress: serialized tf.Examples through a classify/regress signature."""
+
         def handle() -> Any:
             servable, sig, outputs = self.core.infer_examples(
-                request.model_spec, REGRESS_METHOD, examples_of(request.input)
+                request.model_spec, method, examples_of(request.input)
             )
-            response = regression_pb2.RegressionResponse()
+            response = response_cls()
             _spec(response.model_spec, servable, sig)
-            response.result.CopyFrom(regressions(outputs))
+            response.result.CopyFrom(to_result(outputs))
             return response
 
-        return _serve(self.core, request.model_spec.name, "regress", context, handle)
+        return _serve(self.core, request.model_spec.name, api, context, handle)
 
     def MultiInference(self, request: Any, context: grpc.ServicerContext) -> Any:
         def handle() -> Any:
