@@ -516,7 +516,7 @@ class FreshServer:
             options_from_args(
                 [
                     "--port",
-                    "0",
+                    str(_free_port()),
                     "--rest_api_port",
                     "0",
                     "--model_name",

@@ -128,7 +128,7 @@ def serve():
     def start(*flags: str):
         argv = [
             "--port",
-            "0",
+            str(free_port()),
             "--rest_api_port",
             str(free_port()),
             "--file_system_poll_wait_seconds",

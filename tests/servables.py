@@ -54,8 +54,14 @@ class _Tiny(tf.Module):
         return {"outputs": self._parse(inputs)}
 
 
-def build(path: Path, version: int, warmup: str = "ok", input_name: str = "x") -> Path:
-    """Write version ``version`` into ``path`` (warmup: "ok", "none" or "broken")."""
+def build(
+    path: Path, version: int, warmup: str = "ok", input_name: str = "x", method_names: bool = True
+) -> Path:
+    """Write version ``version`` into ``path`` (warmup: "ok", "none" or "broken").
+
+    ``method_names=False`` keeps what TF2's ``tf.saved_model.save`` writes: every signature
+    with the predict method name.
+    """
     module = _Tiny(version)
     predict = tf.function(module.predict).get_concrete_function(
         tf.TensorSpec([None, 2], tf.float32, name=input_name)
@@ -71,7 +77,8 @@ def build(path: Path, version: int, warmup: str = "ok", input_name: str = "x") -
             "regression": module.regress,
         },
     )
-    set_method_names(path, {"classification": CLASSIFY_METHOD, "regression": REGRESS_METHOD})
+    if method_names:
+        set_method_names(path, {"classification": CLASSIFY_METHOD, "regression": REGRESS_METHOD})
     if warmup != "none":
         (path / "assets.extra").mkdir(exist_ok=True)
         with tf.io.TFRecordWriter(str(path / "assets.extra/tf_serving_warmup_requests")) as w:
@@ -102,3 +109,77 @@ class Library:
         shutil.copytree(self._built[key], tmp)
         tmp.rename(dest)  # like the exporter: the server never sees a half-copied version
         return dest
+
+
+def build_tf1_half_plus_two(path: Path, vocab_dir: Path) -> Path:
+    """A TF 1.x-style graph export as TF Serving's half_plus_two test models are made.
+
+    ``y = 0.5 * x + 2``; ``x`` is fed by name and is declared ``[-1, 1]`` in the SignatureDef
+    while the graph's placeholder has no shape at all (a SignatureDef narrower than its graph,
+    which ``tf.saved_model.load`` cannot wrap). ``classify`` and ``regress`` take serialized
+    tf.Examples; the class label comes from an asset file through a lookup table.
+    """
+    v1 = tf.compat.v1
+    vocab = vocab_dir / "labels.txt"
+    vocab.write_text("half_plus_two\n")
+    graph = tf.Graph()
+    with graph.as_default():
+        a, b = v1.Variable(0.5, name="a"), v1.Variable(2.0, name="b")
+        x = v1.placeholder(tf.float32, shape=None, name="x")
+        y = tf.add(tf.multiply(a, x), b, name="y")
+        examples = v1.placeholder(tf.string, shape=[None], name="tf_example")
+        parsed = v1.io.parse_example(examples, {"x": v1.io.FixedLenFeature([1], tf.float32)})
+        y_examples = tf.add(tf.multiply(a, parsed["x"]), b, name="y_examples")
+        asset = tf.constant(str(vocab), name="vocab_path")
+        v1.add_to_collection(v1.GraphKeys.ASSET_FILEPATHS, asset)
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(
+                asset,
+                tf.int64,
+                tf.lookup.TextFileIndex.LINE_NUMBER,
+                tf.string,
+                tf.lookup.TextFileIndex.WHOLE_LINE,
+            ),
+            default_value="?",
+        )
+        classes = table.lookup(tf.zeros_like(y_examples, dtype=tf.int64))
+
+        def info(tensor, shape=None):
+            out = v1.saved_model.utils.build_tensor_info(tensor)
+            if shape is not None:
+                out.tensor_shape.Clear()
+                for d in shape:
+                    out.tensor_shape.dim.add(size=d)
+            return out
+
+        build_sig = v1.saved_model.signature_def_utils.build_signature_def
+        signatures = {
+            "serving_default": build_sig(
+                {"x": info(x, [-1, 1])}, {"y": info(y, [-1, 1])}, PREDICT_METHOD
+            ),
+            "classify_x_to_y": build_sig(
+                {"inputs": info(examples)},
+                {"classes": info(classes), "scores": info(y_examples)},
+                CLASSIFY_METHOD,
+            ),
+            "regress_x_to_y": build_sig(
+                {"inputs": info(examples)}, {"outputs": info(y_examples)}, REGRESS_METHOD
+            ),
+        }
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            builder = v1.saved_model.Builder(str(path))
+            builder.add_meta_graph_and_variables(
+                session,
+                ["serve"],
+                signature_def_map=signatures,
+                assets_collection=v1.get_collection(v1.GraphKeys.ASSET_FILEPATHS),
+                main_op=v1.tables_initializer(),
+                strip_default_attrs=True,
+            )
+            builder.save()
+    vocab.unlink()  # the export must carry its own copy under assets/
+    return path
+
+
+PREDICT_METHOD = "tensorflow/serving/predict"

@@ -44,7 +44,9 @@ def tiny(serve, tmp_path, library):
         'model_platform: "tensorflow" model_version_policy { all {} } '
         'version_labels { key: "stable" value: 1 } } }'
     )
-    server = serve("--model_config_file", str(config))
+    server = serve(
+        "--model_config_file", str(config), "--allow_version_labels_for_unavailable_models"
+    )
     return server, base
 
 

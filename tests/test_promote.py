@@ -270,7 +270,12 @@ def test_lock_makes_a_second_promotion_fail_clearly(env, capsys):
 
 
 def _live_server(serve, prod):
-    return serve("--model_config_file", str(prod / "models.config"))
+    # As the production Deployment runs it: a restart with labels in the config must start.
+    return serve(
+        "--model_config_file",
+        str(prod / "models.config"),
+        "--allow_version_labels_for_unavailable_models",
+    )
 
 
 def test_two_step_label_move_on_a_live_server(env, serve):

@@ -8,7 +8,10 @@ import os
 import signal
 import sys
 
-from serving.server.options import OptionsError, options_from_args
+from serving.server.options import OptionsError, options_from_args, parse_args
+
+# tensorflow_model_server exits with main()'s -1 when it cannot start.
+EXIT_START_FAILED = 255
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,15 +21,28 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if parse_args(argv).version:
+        from importlib.metadata import version
+
+        import tensorflow as tf
+
+        print(f"TensorFlow ModelServer: {version('tfserving-pipeline')} (embedded server)")
+        print(f"TensorFlow Library: {tf.__version__}")
+        return 0
     try:
         options = options_from_args(argv)
+        from serving.server.errors import ServingError
         from serving.server.server import ModelServer
 
         server = ModelServer(options)
+        try:
+            server.start()
+        except ServingError as e:
+            server.stop(grace=0)
+            raise OptionsError(f"{e.code.name}: {e.message}") from e
     except OptionsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    server.start()
+        print(f"Failed to start server. Error: {e}", file=sys.stderr)
+        return EXIT_START_FAILED
     # Containers stop us with SIGTERM: finish in-flight requests, then exit.
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     with contextlib.suppress(KeyboardInterrupt):

@@ -78,7 +78,7 @@ class Batcher:
         rows = {v.shape[0] for v in inputs.values() if v.ndim}
         if len(rows) != 1:
             # Scalars or ragged batch sizes cannot be concatenated: run on their own.
-            return servable.run(signature, inputs, output_filter)
+            return servable.run_checked(signature, inputs, output_filter)
         n = rows.pop()
         if n > self.params.max_batch_size:
             raise invalid(
@@ -158,7 +158,7 @@ class Batcher:
                     k: np.concatenate([v, np.repeat(v[:1], target - batch.rows, axis=0)])
                     for k, v in inputs.items()
                 }
-            outputs = batch.servable.run(batch.signature, inputs, batch.output_filter)
+            outputs = batch.servable.run_checked(batch.signature, inputs, batch.output_filter)
             start = 0
             for task in batch.tasks:
                 end = start + task.rows

@@ -1,13 +1,16 @@
 """Model management with TF Serving's semantics.
 
-* Each model's ``base_path`` is polled every ``--file_system_poll_wait_seconds``; only children
-  named by an integer that contain ``saved_model.pb`` are versions.
+* Each model's ``base_path`` is polled every ``--file_system_poll_wait_seconds``; children
+  named by an integer are versions (a failed load is retried ``--max_num_load_retries`` times,
+  ``--load_retry_interval_micros`` apart, then reported until the version goes away).
 * The version policy (``latest {num_versions}``, default 1; ``all``; ``specific {versions}``)
   picks the aspired versions.
-* Availability is preserved: aspired versions are loaded (and warmed up) first; a version that
-  is no longer aspired is unloaded only once an aspired version is AVAILABLE, so a version that
-  fails to load leaves the previous one serving, with the error in its status.
-* Version labels may only point to AVAILABLE versions (FAILED_PRECONDITION otherwise) unless
+* Availability is preserved (AvailabilityPreservingPolicy): aspired versions are loaded (and
+  warmed up) first; a version that is no longer aspired is unloaded only once an aspired
+  version is AVAILABLE, so a version that fails to load leaves the previous one serving, with
+  the error and its code in GetModelStatus.
+* Version labels are checked before anything loads and may only point to AVAILABLE versions
+  (FAILED_PRECONDITION otherwise; at start-up that stops the server) unless
   ``--allow_version_labels_for_unavailable_models``.
 * A new config (file poll or HandleReloadConfigRequest) replaces the whole model list.
 """
@@ -21,8 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+from google.protobuf.message import DecodeError
+
 from serving.server.errors import ServingError, failed_precondition, invalid, not_found
 from serving.server.metrics import Metrics
+from serving.server.options import LoadOptions
 from serving.server.servable import Servable
 
 log = logging.getLogger(__name__)
@@ -36,7 +43,8 @@ class VersionState:
     error_code: str = "OK"  # tensorflow.error.Code name, as GetModelStatus reports it
     error_message: str = ""
     servable: Servable | None = None
-    failed_mtime: float | None = None  # a failed version is retried only when its files change
+    attempts: int = 0  # failed load attempts so far
+    retry_at: float = 0.0  # monotonic time of the next attempt after a failure
 
 
 @dataclass
@@ -48,7 +56,8 @@ class Model:
 
 
 def list_versions(base_path: str) -> dict[int, Path]:
-    """Integer-named children that hold a saved_model.pb (anything else is ignored)."""
+    """Children whose name is a non-negative int64, as TF Serving's file-system source sees
+    versions; anything else (``.tmp-3``, ``latest``) is ignored."""
     root = Path(base_path)
     out = {}
     try:
@@ -56,7 +65,7 @@ def list_versions(base_path: str) -> dict[int, Path]:
     except OSError:
         return {}
     for child in children:
-        if child.name.isdigit() and (child / "saved_model.pb").is_file():
+        if child.name.isdigit() and int(child.name) < 2**63 and child.is_dir():
             out[int(child.name)] = child
     return out
 
@@ -72,6 +81,29 @@ def aspired(policy: Any, available: dict[int, Path]) -> set[int]:
     return set(sorted(available)[-n:])
 
 
+def error_code(e: BaseException) -> str:
+    """The tensorflow.error.Code name of a load failure, as GetModelStatus reports it."""
+    if isinstance(e, ServingError):
+        return e.code.name
+    code = getattr(e, "error_code", None)  # tf.errors.OpError
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    if isinstance(e, FileNotFoundError):
+        return "NOT_FOUND"
+    if isinstance(e, PermissionError):
+        return "PERMISSION_DENIED"
+    if isinstance(e, DecodeError):
+        return "DATA_LOSS"
+    return "UNKNOWN"
+
+
+def error_message(e: BaseException) -> str:
+    """TensorFlow's whole message, without Python's exception class."""
+    if isinstance(e, ServingError):
+        return e.message
+    return str(getattr(e, "message", None) or e)
+
+
 class ModelManager:
     """Loads, serves and unloads model versions; answers servable lookups."""
 
@@ -81,12 +113,12 @@ class ModelManager:
         *,
         allow_unavailable_labels: bool = False,
         poll_seconds: float = 1.0,
-        warmup: bool = True,
+        load: LoadOptions | None = None,
     ):
         self.metrics = metrics
         self.allow_unavailable_labels = allow_unavailable_labels
         self.poll_seconds = poll_seconds
-        self.warmup = warmup
+        self.load_options = load or LoadOptions()
         self._models: dict[str, Model] = {}
         self._lock = threading.RLock()
         self._reconcile_lock = threading.Lock()  # one reconcile (load/unload pass) at a time
@@ -95,10 +127,11 @@ class ModelManager:
 
     # --- configuration ---------------------------------------------------------------------
     def apply_config(self, config: Any, *, wait_for_new: bool = True) -> None:
-        """Replace the whole model list (TF Serving's reload semantics).
+        """Replace the whole model list (TF Serving's ``ServerCore::ReloadConfig``).
 
-        New models are loaded before this returns (like TF Serving, which waits for models it
-        adds); labels are then checked against the versions available at that point.
+        The labels are checked first, against the versions AVAILABLE now, as TF Serving's
+        ``UpdateModelVersionLabelMap`` does before it adds any model: a refused config loads
+        and unloads nothing. New models are then loaded before this returns.
 
         Raises:
             ServingError: INVALID_ARGUMENT for a bad config, FAILED_PRECONDITION for a label
@@ -109,7 +142,9 @@ class ModelManager:
             if mc.name in configs:
                 raise invalid(f"Illegal to list model {mc.name} multiple times in config list")
             configs[mc.name] = mc
-        with self._lock:
+        # No reconcile pass runs while the model list changes, so none loads a removed model.
+        with self._reconcile_lock, self._lock:
+            labels = {name: self._checked_labels(name, mc) for name, mc in configs.items()}
             for name in list(self._models):
                 if name not in configs:
                     log.info("model %s removed from the config: unloading", name)
@@ -119,28 +154,34 @@ class ModelManager:
             for name, mc in configs.items():
                 model = self._models.get(name)
                 if model is None:
-                    self._models[name] = Model(name, mc)
+                    model = self._models[name] = Model(name, mc)
                 else:
                     model.config = mc
+                model.labels = labels[name]
         if wait_for_new:
             self.reconcile()
-        with self._lock:
-            # Check every label before moving any, so a refused config changes no label.
-            for name, mc in configs.items():
-                self._check_labels(self._models[name], dict(mc.version_labels))
-            for name, mc in configs.items():
-                self._models[name].labels = dict(mc.version_labels)
 
-    def _check_labels(self, model: Model, labels: dict[str, int]) -> None:
-        if self.allow_unavailable_labels:
-            return
-        for version in labels.values():
-            state = model.versions.get(version)
+    def _checked_labels(self, name: str, mc: Any) -> dict[str, int]:
+        """A model's new labels, or FAILED_PRECONDITION with TF Serving's message.
+
+        With ``--allow_version_labels_for_unavailable_models`` a label may point to a version
+        that is not AVAILABLE only if it is new or keeps its version: an existing label is
+        never moved to a version that cannot serve (server_core.cc).
+        """
+        model = self._models.get(name)
+        labels = dict(mc.version_labels)
+        for label, version in labels.items():
+            if self.allow_unavailable_labels:
+                current = model.labels.get(label) if model else None
+                if current is None or current == version:
+                    continue
+            state = model.versions.get(version) if model else None
             if state is None or state.state != AVAILABLE:
                 raise failed_precondition(
-                    f"Request to assign label to version {version} of model {model.name}, "
-                    "which is not currently available for inference."
+                    f"Request to assign label to version {version} of model {name}, "
+                    "which is not currently available for inference"
                 )
+        return labels
 
     # --- the version poller ----------------------------------------------------------------
     def start(self) -> None:
@@ -160,7 +201,7 @@ class ModelManager:
                 log.exception("version poll failed; retrying in %.1fs", self.poll_seconds)
 
     def reconcile(self) -> None:
-        """One pass: load aspired versions, then unload the rest where availability allows."""
+        """One pass over every model: TF Serving's AvailabilityPreservingPolicy."""
         with self._reconcile_lock:
             with self._lock:
                 models = list(self._models.values())
@@ -170,56 +211,79 @@ class ModelManager:
     def _reconcile_model(self, model: Model) -> None:
         on_disk = list_versions(model.config.base_path)
         want = aspired(model.config.model_version_policy, on_disk)
-        for version in sorted(want, reverse=True):
+        now = time.monotonic()
+        for version in sorted(want, reverse=True):  # the highest new version first
             state = model.versions.get(version)
             if state is not None and state.state in (AVAILABLE, LOADING):
                 continue
-            mtime = _mtime(on_disk[version])
-            if state is not None and state.failed_mtime == mtime:
-                continue  # failed before and unchanged since
-            self._load(model, version, on_disk[version], mtime)
+            retries = self.load_options.max_num_load_retries
+            if (
+                state is not None
+                and state.attempts
+                and (state.attempts > retries or now < state.retry_at)
+            ):
+                continue  # failed for good, or waiting for --load_retry_interval_micros
+            self._load(model, version, on_disk[version])
         with self._lock:
-            any_aspired_available = any(
+            for version, state in model.versions.items():
+                if version not in want:
+                    state.attempts = 0  # aspired again later: a fresh set of load attempts
+            # Unload a non-aspired version only when nothing is aspired, an aspired version
+            # is AVAILABLE, or another non-aspired version still serves: the last AVAILABLE
+            # version is never unloaded because a replacement failed or its files went away.
+            serving = sorted(
+                v for v, s in model.versions.items() if v not in want and s.state == AVAILABLE
+            )
+            aspired_serving = any(
                 model.versions.get(v) is not None and model.versions[v].state == AVAILABLE
                 for v in want
             )
-            for version, state in model.versions.items():
-                if version in want or state.state != AVAILABLE:
-                    continue
-                if not any_aspired_available and on_disk and version in on_disk:
-                    continue  # keep serving until a replacement is AVAILABLE
+            while serving and (not want or aspired_serving or len(serving) > 1):
+                version = serving.pop(0)
                 log.info("unloading %s version %d", model.name, version)
-                state.state = UNLOADING
+                state = model.versions[version]
                 # Requests already running hold their own reference to the Servable.
-                state.servable = None
-                state.state = END
+                state.state, state.servable = END, None
 
-    def _load(self, model: Model, version: int, path: Path, mtime: float) -> None:
+    def _load(self, model: Model, version: int, path: Path) -> None:
         with self._lock:
             state = model.versions.setdefault(version, VersionState())
             state.state, state.error_code, state.error_message = LOADING, "OK", ""
+        options = self.load_options
         log.info("loading %s version %d from %s", model.name, version, path)
         start = time.perf_counter()
         try:
-            servable = Servable(model.name, version, path)
+            servable = Servable(
+                model.name,
+                version,
+                path,
+                tags=options.saved_model_tags,
+                method_name_check=options.enable_signature_method_name_check,
+                session_config=options.session_config,
+            )
             load_seconds = time.perf_counter() - start
-            if self.warmup:
+            if options.enable_model_warmup:
                 warm_start = time.perf_counter()
-                servable.warmup()
+                servable.warmup(options.num_request_iterations_for_warmup)
                 self.metrics.warmup_latency(str(path), time.perf_counter() - warm_start)
         except Exception as e:  # noqa: BLE001 - any load failure is reported, never fatal
-            message = e.message if isinstance(e, ServingError) else f"{type(e).__name__}: {e}"
-            log.error("failed to load %s version %d: %s", model.name, version, message)
+            code, message = error_code(e), error_message(e)
+            log.error("failed to load %s version %d: %s: %s", model.name, version, code, message)
             self.metrics.load_attempt(str(path), "FAILED", time.perf_counter() - start)
             with self._lock:
+                state.attempts += 1
+                state.retry_at = time.monotonic() + options.load_retry_interval_seconds
                 state.state, state.servable = END, None
-                state.error_code, state.error_message = "UNKNOWN", message
-                state.failed_mtime = mtime
+                state.error_code, state.error_message = code, message
             return
         self.metrics.load_attempt(str(path), "OK", load_seconds)
         with self._lock:
+            if self._models.get(model.name) is not model:
+                log.info("%s was removed from the config while loading: dropped", model.name)
+                state.state = END
+                return
             state.servable, state.state = servable, AVAILABLE
-            state.failed_mtime = None
+            state.attempts = 0
         log.info(
             "%s version %d AVAILABLE (%.2fs)", model.name, version, time.perf_counter() - start
         )
@@ -303,10 +367,3 @@ def _requested_version(model: Model | None, model_spec: Any) -> int | None:
 
 def _copy(state: VersionState) -> VersionState:
     return VersionState(state.state, state.error_code, state.error_message)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return max(p.stat().st_mtime for p in [path, *path.rglob("*")])
-    except OSError:
-        return 0.0

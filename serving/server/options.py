@@ -10,12 +10,16 @@ text format looks at).
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from tensorflow_serving.config import model_server_config_pb2
+
+log = logging.getLogger(__name__)
 
 
 class OptionsError(ValueError):
@@ -99,6 +103,19 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """How versions are loaded (tensorflow_model_server's flags of the same names)."""
+
+    saved_model_tags: tuple[str, ...] = ("serve",)
+    enable_model_warmup: bool = True
+    num_request_iterations_for_warmup: int = 1
+    max_num_load_retries: int = 5
+    load_retry_interval_seconds: float = 60.0
+    enable_signature_method_name_check: bool = False
+    session_config: Any = None  # tf.compat.v1.ConfigProto
+
+
+@dataclass(frozen=True)
 class TLS:
     server_key: str
     server_cert: str
@@ -110,7 +127,12 @@ class TLS:
 class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8500
-    rest_api_port: int = 8501
+    grpc_socket_path: str = ""
+    grpc_channel_arguments: tuple[tuple[str, int | str], ...] = ()
+    rest_api_port: int = 0
+    rest_api_num_threads: int = 8
+    rest_api_timeout_in_ms: int = 30000
+    rest_api_enable_cors_support: bool = False
     model_config: Any = None  # ModelServerConfig
     model_config_file: str = ""
     model_config_file_poll_wait_seconds: float = 0
@@ -121,69 +143,162 @@ class ServerOptions:
     grpc_max_threads: int = 16
     max_request_size_bytes: int = 256 << 20
     allow_version_labels_for_unavailable_models: bool = False
+    enable_grpc_healthcheck_service: bool = False
     tensor_content: bool = False  # Predict outputs as tensor_content (default: typed fields)
+    load: LoadOptions = LoadOptions()
 
 
 def parse_text(path: str, message: Any, flag: str) -> Any:
+    """A text-format proto file; errors say what TF Serving says (``ParseProtoTextFile``)."""
     try:
         text = Path(path).read_text()
     except OSError as e:
-        raise OptionsError(f"{flag}: cannot read {path}: {e.strerror}") from e
+        raise OptionsError(f"{flag}: NOT_FOUND: {path}; {e.strerror}") from e
     try:
         return text_format.Parse(text, message)
     except text_format.ParseError as e:
-        raise OptionsError(f"{flag}: {path}: {e}") from e
+        # protobuf's own log line, then the status TF Serving returns.
+        where = f"{e.GetLine()}:{e.GetColumn()}: " if e.GetLine() else ""
+        detail = str(e).split(" : ", 1)[-1]
+        raise OptionsError(
+            f"Error parsing text-format {message.DESCRIPTOR.full_name}: {where}{detail}\n"
+            f"INVALID_ARGUMENT: Invalid protobuf file: '{path}'"
+        ) from e
 
 
 def read_model_config(path: str) -> Any:
     config = parse_text(path, model_server_config_pb2.ModelServerConfig(), "--model_config_file")
-    check_model_config(config, f"--model_config_file {path}")
+    check_model_config(config)
     return config
 
 
-def check_model_config(config: Any, where: str) -> None:
-    """Reject what TF Serving rejects: no list, duplicate names, missing base paths."""
-    if config.WhichOneof("config") != "model_config_list":
-        raise OptionsError(f"{where}: expected a model_config_list")
+def check_model_config(config: Any) -> None:
+    """Reject what ``ServerCore::ReloadConfig`` rejects, with its messages."""
+    kind = config.WhichOneof("config")
+    if kind is None:
+        return  # TF Serving takes no action for an empty config
+    if kind != "model_config_list":
+        raise OptionsError("ModelServer does not yet support custom model config.")
     seen = set()
     for model in config.model_config_list.config:
-        if not model.name:
-            raise OptionsError(f"{where}: a model config has no name")
         if model.name in seen:
-            raise OptionsError(f"{where}: model {model.name!r} is configured twice")
+            raise OptionsError(f"Illegal to list model {model.name} multiple times in config list")
         seen.add(model.name)
-        if not model.base_path:
-            raise OptionsError(f"{where}: model {model.name!r} has no base_path")
+        if not _is_absolute(model.base_path):
+            raise OptionsError(
+                f"Expected model {model.name} to have an absolute path or URI; got "
+                f"base_path()={model.base_path}"
+            )
         if model.model_platform not in ("", "tensorflow"):
             raise OptionsError(
-                f"{where}: model {model.name!r}: platform {model.model_platform!r} is not "
-                "supported (only tensorflow)"
+                f"Model {model.name}: platform {model.model_platform} is not served here "
+                "(only tensorflow)"
             )
+
+
+def _is_absolute(path: str) -> bool:
+    """TF Serving's ``UriIsRelativePath`` negated: an absolute path or a URI (gs://...)."""
+    return path.startswith("/") or "://" in path
 
 
 def single_model_config(name: str, base_path: str) -> Any:
     config = model_server_config_pb2.ModelServerConfig()
     model = config.model_config_list.config.add()
     model.name = name
-    model.base_path = str(Path(base_path).resolve())
+    # TF Serving takes the path as given; a relative one is resolved against the working
+    # directory here so that the version poller does not depend on it later.
+    model.base_path = base_path if "://" in base_path else str(Path(base_path).resolve())
     model.model_platform = "tensorflow"
     return config
 
 
-def _bool(text: str) -> bool:
+# --- flags ----------------------------------------------------------------------------------
+# tensorflow_model_server's complete flag list (model_servers/main.cc and the defaults of
+# server.h's Options, TF Serving 2.20/2.21): name, type, default, effect here.
+#   "yes"   implemented as TF Serving does;
+#   "noop"  accepted, nothing to do in this server (documented in docs/tf-serving-parity.md);
+#   "warn"  accepted; a non-default value cannot apply here and logs one warning.
+_CPUS = os.cpu_count() or 1
+TF_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("port", "int32", 8500, "yes"),
+    ("grpc_socket_path", "string", "", "yes"),
+    ("rest_api_port", "int32", 0, "yes"),
+    ("rest_api_num_threads", "int32", 4 * _CPUS, "yes"),
+    ("rest_api_timeout_in_ms", "int32", 30000, "yes"),
+    ("rest_api_enable_cors_support", "bool", False, "yes"),
+    ("enable_batching", "bool", False, "yes"),
+    ("allow_version_labels_for_unavailable_models", "bool", False, "yes"),
+    ("batching_parameters_file", "string", "", "yes"),
+    ("enable_per_model_batching_parameters", "bool", False, "warn"),
+    ("model_config_file", "string", "", "yes"),
+    ("model_config_file_poll_wait_seconds", "int32", 0, "yes"),
+    ("model_name", "string", "default", "yes"),
+    ("model_base_path", "string", "", "yes"),
+    ("num_load_threads", "int32", 0, "noop"),
+    ("num_unload_threads", "int32", 0, "noop"),
+    ("max_num_load_retries", "int32", 5, "yes"),
+    ("load_retry_interval_micros", "int64", 60_000_000, "yes"),
+    ("file_system_poll_wait_seconds", "int32", 1, "yes"),
+    ("flush_filesystem_caches", "bool", True, "noop"),
+    ("tensorflow_session_parallelism", "int64", 0, "yes"),
+    ("tensorflow_session_config_file", "string", "", "yes"),
+    ("tensorflow_intra_op_parallelism", "int64", 0, "yes"),
+    ("tensorflow_inter_op_parallelism", "int64", 0, "yes"),
+    ("use_alts_credentials", "bool", False, "warn"),
+    ("ssl_config_file", "string", "", "yes"),
+    ("platform_config_file", "string", "", "warn"),
+    ("per_process_gpu_memory_fraction", "float", 0.0, "warn"),
+    ("saved_model_tags", "string", "serve", "yes"),
+    ("grpc_channel_arguments", "string", "", "yes"),
+    ("grpc_max_threads", "int32", 4 * _CPUS, "yes"),
+    ("enable_model_warmup", "bool", True, "yes"),
+    ("num_request_iterations_for_warmup", "int32", 0, "yes"),
+    ("version", "bool", False, "yes"),
+    ("monitoring_config_file", "string", "", "yes"),
+    ("remove_unused_fields_from_bundle_metagraph", "bool", True, "noop"),
+    ("prefer_tflite_model", "bool", False, "warn"),
+    ("num_tflite_pools", "int32", _CPUS, "noop"),
+    ("num_tflite_interpreters_per_pool", "int32", 1, "noop"),
+    ("enable_signature_method_name_check", "bool", False, "yes"),
+    ("xla_cpu_compilation_enabled", "bool", False, "warn"),
+    ("xla_gpu_compilation_enabled", "bool", False, "warn"),
+    ("enable_profiler", "bool", True, "noop"),
+    ("thread_pool_factory_config_file", "string", "", "warn"),
+    ("mixed_precision", "string", "", "warn"),
+    ("skip_initialize_tpu", "bool", False, "noop"),
+    ("enable_grpc_healthcheck_service", "bool", False, "yes"),
+    ("enable_serialization_as_tensor_content", "bool", False, "yes"),
+)
+TF_FLAG_NAMES = frozenset(name for name, *_ in TF_FLAGS)
+# Ours alone (the real binary has no such flags): where to bind, and a request size cap. The
+# two poll intervals also take fractions of a second here (whole seconds in the real binary).
+EXTRA_FLAGS = ("host", "max_request_size_bytes")
+_INT_RANGE = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+
+
+def parse_bool(text: str) -> bool:
+    """TensorFlow's bool flag values (command_line_flags.cc): true/false/1/0."""
     value = text.strip().lower()
-    if value in ("true", "1", "yes"):
+    if value in ("true", "1"):
         return True
-    if value in ("false", "0", "no"):
+    if value in ("false", "0"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true, false, 1 or 0, got {text!r}")
 
 
-def _flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
-    """A boolean flag written --name, --name=true or --name=false (tensorflow_model_server's)."""
-    p.add_argument(
-        name, nargs="?", const=True, default=False, type=_bool, metavar="BOOL", help=help
-    )
+def _int(kind: str) -> Any:
+    low, high = _INT_RANGE[kind]
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} does not fit in {kind}")
+        return value
+
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -191,132 +306,123 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m serving.server",
         description=(
             "A TensorFlow-Serving-compatible model server (gRPC PredictionService/ModelService "
-            "and the REST API). Takes tensorflow_model_server's flags."
+            "and the REST API). Takes every tensorflow_model_server flag with its type and "
+            "default; flags written --name=value (or --name value). See "
+            "docs/tf-serving-parity.md for what each does here."
         ),
+        allow_abbrev=False,  # TensorFlow's flag parser matches whole names only
     )
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)",
-    )
-    p.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
-    p.add_argument(
-        "--rest_api_port",
-        type=int,
-        default=8501,
-        help="HTTP/REST port (default 8501; 0 disables REST)",
-    )
-    p.add_argument("--model_name", default="", help="name of the single model to serve")
-    p.add_argument(
-        "--model_base_path", default="", help="directory of the single model's numbered versions"
-    )
-    p.add_argument(
-        "--model_config_file",
-        default="",
-        help="ModelServerConfig text proto (overrides --model_name/--model_base_path)",
-    )
-    p.add_argument(
-        "--model_config_file_poll_wait_seconds",
-        type=float,
-        default=0,
-        help="re-read --model_config_file this often (0 = never)",
-    )
-    p.add_argument(
-        "--file_system_poll_wait_seconds",
-        type=float,
-        default=1,
-        help="look for new versions this often (default 1)",
-    )
-    _flag(p, "--enable_batching", "merge concurrent Predict calls into one model call")
-    p.add_argument("--batching_parameters_file", default="", help="BatchingParameters text proto")
-    p.add_argument(
-        "--monitoring_config_file",
-        default="",
-        help="MonitoringConfig text proto (Prometheus endpoint)",
-    )
-    p.add_argument("--ssl_config_file", default="", help="SSLConfig text proto (PEM contents)")
-    p.add_argument(
-        "--grpc_max_threads",
-        type=int,
-        default=16,
-        help="threads serving gRPC requests (default 16)",
+        help="(ours) address to bind (default 127.0.0.1; 0.0.0.0 as tensorflow_model_server)",
     )
     p.add_argument(
         "--max_request_size_bytes",
-        type=int,
+        type=_int("int32"),
         default=256 << 20,
-        help="largest accepted request (default 256 MiB)",
+        help="(ours) largest accepted gRPC message or REST body (default 256 MiB)",
     )
-    _flag(
-        p,
-        "--allow_version_labels_for_unavailable_models",
-        "allow a label to point to a version that is not AVAILABLE",
-    )
-    _flag(
-        p,
-        "--enable_grpc_healthcheck_service",
-        "accepted for compatibility: the gRPC health service is always on",
-    )
-    _flag(
-        p,
-        "--enable_serialization_as_tensor_content",
-        "send Predict outputs in tensor_content instead of the typed *_val fields",
-    )
+    fractional = {"file_system_poll_wait_seconds", "model_config_file_poll_wait_seconds"}
+    for name, kind, default, effect in TF_FLAGS:
+        note = {"noop": " [accepted, no effect here]", "warn": " [cannot apply here]"}.get(
+            effect, ""
+        )
+        help_text = f"{kind}, default {default!r}{note}"
+        if kind == "bool":
+            p.add_argument(
+                f"--{name}",
+                nargs="?",
+                const=True,
+                default=default,
+                type=parse_bool,
+                metavar="BOOL",
+                help=help_text,
+            )
+        elif name in fractional:
+            p.add_argument(f"--{name}", type=float, default=default, help=help_text)
+        elif kind in _INT_RANGE:
+            p.add_argument(f"--{name}", type=_int(kind), default=default, help=help_text)
+        elif kind == "float":
+            p.add_argument(f"--{name}", type=float, default=default, help=help_text)
+        else:
+            p.add_argument(f"--{name}", default=default, help=help_text)
     return p
 
 
+def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
+    """``--grpc_channel_arguments``: ``key=value,...``; integer values pass as integers."""
+    out: list[tuple[str, int | str]] = []
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise OptionsError(f"--grpc_channel_arguments: {item!r} is not key=value")
+        try:
+            out.append((key, int(value)))
+        except ValueError:
+            out.append((key, value))
+    return tuple(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags as tensorflow_model_server reads them: an unknown argument is reported and ignored
+    (main.cc prints it with the usage and goes on); a bad value stops with the usage."""
+    args, unknown = parser().parse_known_args(argv)
+    for arg in unknown:
+        log.warning("unknown argument: %s (ignored, as tensorflow_model_server does)", arg)
+    return args
+
+
 def options_from_args(argv: list[str] | None = None) -> ServerOptions:
-    """Parse flags and every file they name.
+    """Parse flags and every file they name, with ``Server::BuildAndStart``'s checks.
 
     Raises:
-        OptionsError: an invalid combination of flags or an unreadable/invalid file.
+        OptionsError: an invalid combination of flags or an unreadable/invalid file; the
+            message is TF Serving's where it has one.
     """
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
+    for name, _, default, effect in TF_FLAGS:
+        if effect == "warn" and getattr(args, name) != default:
+            log.warning("--%s=%s cannot apply to this server: ignored", name, getattr(args, name))
     for flag in ("port", "rest_api_port"):
         value = getattr(args, flag)
         if not 0 <= value <= 65535:
             raise OptionsError(f"--{flag}: {value} is not a port number")
+    if args.port == 0 and not args.grpc_socket_path:
+        raise OptionsError(
+            "INVALID_ARGUMENT: At least one of server_options.grpc_port or "
+            "server_options.grpc_socket_path must be set."
+        )
+    if args.use_alts_credentials and args.ssl_config_file:
+        raise OptionsError(
+            "INVALID_ARGUMENT: Either use_alts_credentials must be false or "
+            "ssl_config_file must be empty."
+        )
+    if not args.model_base_path and not args.model_config_file:
+        raise OptionsError(
+            "INVALID_ARGUMENT: Both server_options.model_base_path and "
+            "server_options.model_config_file are empty!"
+        )
     if args.grpc_max_threads < 1:
         raise OptionsError("--grpc_max_threads: must be >= 1")
+    if args.rest_api_num_threads < 1:
+        raise OptionsError("--rest_api_num_threads: must be >= 1")
     if args.max_request_size_bytes < 1024:
         raise OptionsError("--max_request_size_bytes: must be >= 1024")
     if args.model_config_file:
         config = read_model_config(args.model_config_file)
-    elif args.model_name and args.model_base_path:
-        config = single_model_config(args.model_name, args.model_base_path)
-    elif args.model_base_path:
-        config = single_model_config("default", args.model_base_path)
     else:
-        raise OptionsError("give --model_config_file, or --model_name and --model_base_path")
+        config = single_model_config(args.model_name, args.model_base_path)
     batching = None
     if args.enable_batching:
         batching = Batching()
         if args.batching_parameters_file:
-            b = parse_text(
-                args.batching_parameters_file,
-                MESSAGES["BatchingParameters"](),
-                "--batching_parameters_file",
-            )
-            batching = Batching(
-                max_batch_size=b.max_batch_size.value if b.HasField("max_batch_size") else 1000,
-                batch_timeout_micros=b.batch_timeout_micros.value,
-                max_enqueued_batches=(
-                    b.max_enqueued_batches.value if b.HasField("max_enqueued_batches") else 10
-                ),
-                num_batch_threads=(
-                    b.num_batch_threads.value if b.HasField("num_batch_threads") else 4
-                ),
-                allowed_batch_sizes=tuple(b.allowed_batch_sizes),
-                pad_variable_length_inputs=b.pad_variable_length_inputs,
-            )
-            sizes = batching.allowed_batch_sizes
-            if sizes and (
-                list(sizes) != sorted(set(sizes)) or sizes[-1] != batching.max_batch_size
-            ):
-                raise OptionsError(
-                    "--batching_parameters_file: allowed_batch_sizes must increase and end with "
-                    f"max_batch_size ({batching.max_batch_size}); got {list(sizes)}"
-                )
+            batching = _batching(args.batching_parameters_file)
+    elif args.batching_parameters_file:
+        raise OptionsError(
+            "INVALID_ARGUMENT: server_options.batching_parameters_file is set without setting "
+            "server_options.enable_batching to true."
+        )
     metrics_path = ""
     if args.monitoring_config_file:
         m = parse_text(
@@ -335,7 +441,12 @@ def options_from_args(argv: list[str] | None = None) -> ServerOptions:
     return ServerOptions(
         host=args.host,
         port=args.port,
-        rest_api_port=args.rest_api_port,
+        grpc_socket_path=args.grpc_socket_path,
+        grpc_channel_arguments=parse_channel_arguments(args.grpc_channel_arguments),
+        rest_api_port=args.rest_api_port if args.rest_api_port != args.port else 0,
+        rest_api_num_threads=args.rest_api_num_threads,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        rest_api_enable_cors_support=args.rest_api_enable_cors_support,
         model_config=config,
         model_config_file=args.model_config_file,
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
@@ -348,5 +459,59 @@ def options_from_args(argv: list[str] | None = None) -> ServerOptions:
         allow_version_labels_for_unavailable_models=(
             args.allow_version_labels_for_unavailable_models
         ),
+        enable_grpc_healthcheck_service=args.enable_grpc_healthcheck_service,
         tensor_content=args.enable_serialization_as_tensor_content,
+        load=LoadOptions(
+            saved_model_tags=tuple(t for t in args.saved_model_tags.split(",") if t),
+            enable_model_warmup=args.enable_model_warmup,
+            num_request_iterations_for_warmup=max(1, args.num_request_iterations_for_warmup),
+            max_num_load_retries=max(0, args.max_num_load_retries),
+            load_retry_interval_seconds=max(0.0, args.load_retry_interval_micros / 1e6),
+            enable_signature_method_name_check=args.enable_signature_method_name_check,
+            session_config=_session_config(args),
+        ),
     )
+
+
+def _batching(path: str) -> Batching:
+    b = parse_text(path, MESSAGES["BatchingParameters"](), "--batching_parameters_file")
+    batching = Batching(
+        max_batch_size=b.max_batch_size.value if b.HasField("max_batch_size") else 1000,
+        batch_timeout_micros=b.batch_timeout_micros.value,
+        max_enqueued_batches=(
+            b.max_enqueued_batches.value if b.HasField("max_enqueued_batches") else 10
+        ),
+        num_batch_threads=b.num_batch_threads.value if b.HasField("num_batch_threads") else 4,
+        allowed_batch_sizes=tuple(b.allowed_batch_sizes),
+        pad_variable_length_inputs=b.pad_variable_length_inputs,
+    )
+    sizes = batching.allowed_batch_sizes
+    if sizes and (list(sizes) != sorted(set(sizes)) or sizes[-1] != batching.max_batch_size):
+        raise OptionsError(
+            "--batching_parameters_file: allowed_batch_sizes must increase and end with "
+            f"max_batch_size ({batching.max_batch_size}); got {list(sizes)}"
+        )
+    return batching
+
+
+def _session_config(args: argparse.Namespace) -> Any:
+    """The session ConfigProto as ``Server::BuildAndStart`` assembles it."""
+    from tensorflow.core.protobuf import config_pb2
+
+    config = config_pb2.ConfigProto()
+    if args.tensorflow_session_config_file:
+        parse_text(args.tensorflow_session_config_file, config, "--tensorflow_session_config_file")
+    intra, inter = args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism
+    both = args.tensorflow_session_parallelism
+    if intra > 0 and inter > 0 and both > 0:
+        raise OptionsError(
+            "INVALID_ARGUMENT: Either configure server_options.tensorflow_session_parallelism "
+            "or (server_options.tensorflow_intra_op_parallelism, "
+            "server_options.tensorflow_inter_op_parallelism) separately. You cannot "
+            "configure all."
+        )
+    if intra > 0 or inter > 0:
+        config.intra_op_parallelism_threads, config.inter_op_parallelism_threads = intra, inter
+    elif both > 0 or not args.tensorflow_session_config_file:
+        config.intra_op_parallelism_threads = config.inter_op_parallelism_threads = both
+    return config

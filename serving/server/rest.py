@@ -13,7 +13,8 @@ import logging
 import re
 import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import grpc
@@ -105,8 +106,10 @@ def parse_predict(
         )
     if has_rows:
         rows = body["instances"]
-        if not isinstance(rows, list) or not rows:
-            raise invalid("'instances' must be a non-empty list")
+        if not isinstance(rows, list):
+            raise invalid(f"JSON Value: {_debug(body)} Expecting 'instances' to be an list/array")
+        if not rows:
+            raise invalid(f"JSON Value: {_debug(body)} No values in 'instances' array")
         if len(sig_inputs) == 1 and not all(
             isinstance(r, dict) and set(r) == set(sig_inputs) for r in rows
         ):
@@ -140,6 +143,12 @@ def parse_predict(
     if extra:
         raise invalid(f"inputs: unknown inputs {sorted(extra)}; expected {sorted(sig_inputs)}")
     return {k: _to_array(v, sig_inputs[k], f"inputs ({k})") for k, v in cols.items()}, "columnar"
+
+
+def _debug(value: Any) -> str:
+    """The JSON in an error message, as json_tensor.cc's JsonValueToDebugString (cut short)."""
+    text = json.dumps(value, indent=4)
+    return text if len(text) <= 1000 else text[:1000] + "..."
 
 
 def _json_value(name: str, arr: np.ndarray) -> Any:
@@ -216,18 +225,51 @@ def _feature(value: Any, where: str) -> Any:
     raise invalid(f"{where}: a feature's values must all be numbers or all strings")
 
 
+class _PooledHTTPServer(HTTPServer):
+    """Connections served by a fixed pool (``--rest_api_num_threads``), not a thread each."""
+
+    def __init__(self, address: tuple[str, int], handler: Any, num_threads: int):
+        super().__init__(address, handler)
+        self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="rest")
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - one broken connection never stops the server
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+
 class RestServer:
-    """The REST API on its own port, served by a thread per connection."""
+    """The REST API on its own port.
+
+    ``timeout_seconds`` (``--rest_api_timeout_in_ms``) bounds every socket read, so an idle or
+    slow connection gives its pool thread back.
+    """
 
     def __init__(
-        self, core: Core, host: str, port: int, *, metrics_path: str, max_request_bytes: int
+        self,
+        core: Core,
+        host: str,
+        port: int,
+        *,
+        metrics_path: str,
+        max_request_bytes: int,
+        num_threads: int = 8,
+        timeout_seconds: float = 30.0,
+        cors: bool = False,
     ):
         self.core = core
         self.metrics_path = metrics_path
         self.max_request_bytes = max_request_bytes
+        self.timeout_seconds = timeout_seconds if timeout_seconds > 0 else None
+        self.cors = cors
         handler = self._handler_class()
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _PooledHTTPServer((host, port), handler, num_threads)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="rest", daemon=True)
 
@@ -237,12 +279,14 @@ class RestServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.httpd.pool.shutdown(wait=False, cancel_futures=True)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections
+            timeout = server.timeout_seconds
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s %s", self.address_string(), format % args)
@@ -255,19 +299,59 @@ class RestServer:
                 self._dispatch("GET", path, b"")
 
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > server.max_request_bytes:
+                try:
+                    body = self._body()
+                except ServingError as e:
+                    self._error(e, close=True)
+                    return
+                self._dispatch("POST", self.path.split("?", 1)[0], body)
+
+            def do_OPTIONS(self) -> None:
+                # A CORS preflight (http_server.cc): OK when the Origin is an http(s) URL.
+                if re.search(r"https?://", self.headers.get("Origin") or ""):
+                    self._send(200, b"", "application/json")
+                else:
                     self._error(
                         ServingError(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"Request of {length} bytes is larger than the maximum "
-                            f"{server.max_request_bytes}",
-                        ),
-                        close=True,
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            "Origin header is missing in CORS preflight",
+                        )
                     )
-                    return
-                body = self.rfile.read(length)
-                self._dispatch("POST", self.path.split("?", 1)[0], body)
+
+            def _body(self) -> bytes:
+                """The request body, chunked or not, never more than the size cap."""
+                limit = server.max_request_bytes
+                too_large = ServingError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"Request body is larger than the maximum of {limit} bytes",
+                )
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    chunks: list[bytes] = []
+                    total = 0
+                    while True:
+                        line = self.rfile.readline(1024).split(b";", 1)[0].strip()
+                        try:
+                            size = int(line, 16)
+                        except ValueError:
+                            raise invalid("Malformed chunked request body") from None
+                        if size == 0:
+                            while self.rfile.readline(1024).strip():
+                                pass  # trailers
+                            return b"".join(chunks)
+                        total += size
+                        if total > limit:
+                            raise too_large
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline(1024)
+                raw = self.headers.get("Content-Length")
+                if raw is None:
+                    return b""
+                if not raw.strip().isdigit():
+                    raise invalid(f"Invalid Content-Length: {raw!r}")
+                length = int(raw)
+                if length > limit:
+                    raise too_large
+                return self.rfile.read(length)
 
             def _dispatch(self, method: str, path: str, body: bytes) -> None:
                 try:
@@ -291,6 +375,10 @@ class RestServer:
             def _send(self, status: int, payload: bytes, content_type: str) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
+                if server.cors:
+                    self.send_header("Access-Control-Allow-Origin", "*")
+                    self.send_header("Access-Control-Allow-Methods", "POST, GET")
+                    self.send_header("Access-Control-Allow-Headers", "Content-Type")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -352,12 +440,13 @@ class RestServer:
         _, _, outputs = self.core.infer_examples(spec, method, examples_from_json(data))
         if verb == "classify":
             result = classifications(outputs)
+            # json_tensor.cc: kClassifyRegressResponseKey is "results".
             return {
-                "result": [
+                "results": [
                     [[c.label, c.score] for c in item.classes] for item in result.classifications
                 ]
             }
-        return {"result": [r.value for r in regressions(outputs).regressions]}
+        return {"results": [r.value for r in regressions(outputs).regressions]}
 
 
 def _to_dict(message: Any) -> Any:

@@ -1,15 +1,27 @@
-"""One loaded model version: its SignatureDefs, input checks and calls into TensorFlow."""
+"""One loaded model version, run the way TF Serving runs it.
+
+TF Serving loads every SavedModel (TF1 graph exports and TF2 ``tf.saved_model.save`` alike) into a
+TF1 session bundle and runs a signature by feeding the SignatureDef's tensor names and fetching
+its output tensor names (``predict_util.cc``, ``classifier.cc``, ``regressor.cc``). We do the
+same through ``tf.compat.v1``: no shape check of our own (TensorFlow decides, so a half_plus_two
+model answers ``[2.0]`` on a ``[-1, 1]`` signature as the real server does), dtype errors come
+from the TF runtime with its own text, and a TF1 export whose SignatureDef is narrower than its
+graph loads.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 
 from serving import codec
 from serving.server.errors import ServingError, failed_precondition, invalid
@@ -18,139 +30,266 @@ log = logging.getLogger(__name__)
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000
+PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
-INTERNAL_SIGNATURES = ("__saved_model_init_op",)
+DEFAULT_SIGNATURE = "serving_default"
+MAX_CACHED_CALLABLES = 64
+# TensorFlow's error codes are the canonical gRPC status codes.
+_GRPC_CODE = {sc.value[0]: sc for sc in grpc.StatusCode}
+
+
+def _join(keys: Any) -> str:
+    return ",".join(sorted(keys))
 
 
 class Servable:
-    """A SavedModel version loaded with ``tf.saved_model.load``.
+    """A SavedModel version in its own graph and session.
 
     Requests hold a reference to the Servable they run on, so unloading a version (dropping it
-    from the manager's map) lets the requests already running on it finish.
+    from the manager's map) lets the requests already running on it finish; the session is
+    closed when the last reference goes.
+
+    Args:
+        name: the model's name.
+        version: the version number.
+        path: the version directory.
+        tags: the MetaGraph tag set to load (``--saved_model_tags``, default ``serve``).
+        method_name_check: ``--enable_signature_method_name_check``.
+        session_config: a ``tf.compat.v1.ConfigProto`` (thread pools), or None.
     """
 
-    def __init__(self, name: str, version: int, path: Path):
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        *,
+        tags: Sequence[str] = ("serve",),
+        method_name_check: bool = False,
+        session_config: Any = None,
+    ):
         self.name = name
         self.version = version
         self.path = path
-        sm = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
-        graphs = [g for g in sm.meta_graphs if "serve" in g.meta_info_def.tags]
-        if not graphs:
-            raise ValueError(f"{path}: no MetaGraph tagged 'serve'")
-        self.meta_graph: meta_graph_pb2.MetaGraphDef = graphs[0]
-        self.signature_defs = {
-            k: v for k, v in self.meta_graph.signature_def.items() if k not in INTERNAL_SIGNATURES
-        }
-        self._loaded = tf.saved_model.load(str(path), tags=["serve"])
-        self._functions = dict(self._loaded.signatures)
+        self.method_name_check = method_name_check
+        _check_saved_model(path, tags)
+        self._graph = tf.Graph()
+        self._session = tf.compat.v1.Session(graph=self._graph, config=session_config)
+        try:
+            with self._graph.as_default():
+                self.meta_graph: meta_graph_pb2.MetaGraphDef = tf.compat.v1.saved_model.load(
+                    self._session, list(tags), str(path)
+                )
+        except BaseException:
+            self._session.close()
+            raise
+        self.signature_defs = dict(self.meta_graph.signature_def)
+        self._callables: dict[tuple[str, tuple[str, ...]], Callable[..., Any]] = {}
+        self._callables_lock = threading.Lock()
+
+    def __del__(self) -> None:
+        session = getattr(self, "_session", None)
+        if session is not None:
+            session.close()
 
     # ---------------------------------------------------------------------------------------
     def signature(self, name: str) -> Any:
-        name = name or "serving_default"
+        name = name or DEFAULT_SIGNATURE
         sig = self.signature_defs.get(name)
         if sig is None:
             raise failed_precondition(f'Serving signature key "{name}" not found.')
         return sig
 
-    def check_inputs(self, signature_name: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Check names, dtypes and shapes against the SignatureDef before calling TF.
-
-        Raises:
-            ServingError: INVALID_ARGUMENT naming the input and what was expected.
-        """
-        sig = self.signature(signature_name)
-        expected = set(sig.inputs)
-        got = set(inputs)
-        if expected != got:
-            raise invalid(
-                f"input size does not match signature: {len(got)}!={len(expected)} "
-                f"len({{{','.join(sorted(got))}}}) != len({{{','.join(sorted(expected))}}}). "
-                f"Sent extra: {{{','.join(sorted(got - expected))}}}. "
-                f"Missing but required: {{{','.join(sorted(expected - got))}}}."
-            )
-        tensors = {}
-        batch = None
-        for key, info in sig.inputs.items():
-            value = inputs[key]
-            want = info.dtype
-            have = codec.dtype_code(value.dtype) if value.dtype != object else codec.DT_STRING
-            if want != have:
-                raise invalid(
-                    f"Expects arg[{key}] to be {_dtype_name(want)} but "
-                    f"{_dtype_name(have)} is provided"
-                )
-            if not info.tensor_shape.unknown_rank:
-                dims = [d.size for d in info.tensor_shape.dim]
-                if value.ndim != len(dims) or any(
-                    d >= 0 and d != s for d, s in zip(dims, value.shape)
-                ):
-                    raise invalid(
-                        f"input '{key}': shape {list(value.shape)} does not match the "
-                        f"signature's {[d if d >= 0 else -1 for d in dims]} (-1 = any size)"
-                    )
-            if value.ndim and value.shape[0] == 0:
-                raise invalid(f"input '{key}': the batch is empty")
-            if value.ndim:
-                if batch is not None and value.shape[0] != batch:
-                    raise invalid(
-                        f"input '{key}': batch size {value.shape[0]} differs from the other "
-                        f"inputs' {batch}"
-                    )
-                batch = value.shape[0]
-            tensors[key] = value
-        return tensors
-
-    def run(
+    def predict(
         self,
         signature_name: str,
         inputs: dict[str, Any],
-        output_filter: list[str] | tuple[str, ...] = (),
+        output_filter: Sequence[str] = (),
     ) -> dict[str, np.ndarray]:
-        """Call a signature with checked inputs; return the (filtered) outputs as numpy."""
+        """Predict as ``predict_util.cc`` does: check the names, feed, fetch.
+
+        Raises:
+            ServingError: with TF Serving's code and message.
+        """
+        feeds = self.check_predict(signature_name, inputs, output_filter)
+        return self.run_checked(signature_name, feeds, output_filter)
+
+    def check_predict(
+        self, signature_name: str, inputs: dict[str, Any], output_filter: Sequence[str]
+    ) -> dict[str, Any]:
+        """The request's checks (names, defaults, output filter); returns the feeds by alias.
+
+        Raises:
+            ServingError: with TF Serving's code and message.
+        """
         sig = self.signature(signature_name)
-        if output_filter:
-            seen = set()
-            for alias in output_filter:
-                if alias not in sig.outputs:
-                    raise invalid(
-                        f"output tensor alias not found in signature: {alias} Outputs expected "
-                        f"to be in the set {{{','.join(sorted(sig.outputs))}}}."
-                    )
-                if alias in seen:
-                    raise invalid(f"duplicate output tensor alias: {alias}")
-                seen.add(alias)
-        fn = self._functions[signature_name or "serving_default"]
+        if self.method_name_check and sig.method_name not in (
+            PREDICT_METHOD,
+            CLASSIFY_METHOD,
+            REGRESS_METHOD,
+        ):
+            raise ServingError(
+                grpc.StatusCode.INTERNAL,
+                "Expected prediction signature method_name to be one of "
+                f"{{{PREDICT_METHOD}, {CLASSIFY_METHOD}, {REGRESS_METHOD}}}. "
+                f"Was: {sig.method_name}",
+            )
+        defaults = dict(getattr(sig, "defaults", {}))
+        if len(inputs) > len(sig.inputs) or (len(inputs) < len(sig.inputs) and not defaults):
+            raise invalid(
+                f"input size does not match signature: {len(inputs)}!={len(sig.inputs)} "
+                f"len({{{_join(inputs)}}}) != len({{{_join(sig.inputs)}}}). "
+                f"Sent extra: {{{_join(set(inputs) - set(sig.inputs))}}}. "
+                f"Missing but required: {{{_join(set(sig.inputs) - set(inputs))}}}."
+            )
+        feeds: dict[str, Any] = {}
+        for alias, info in sig.inputs.items():
+            if alias in inputs:
+                feeds[alias] = inputs[alias]
+            elif alias in defaults:
+                feeds[alias] = codec.to_numpy(defaults[alias])
+            else:
+                raise invalid(
+                    f"Signature input alias: {alias}(feed name: {info.name}) not found in "
+                    "request and no default value provided. Inputs expected to be in the "
+                    f"request {{{_join(inputs)}}}, or default input alias set: "
+                    f"{_join(defaults)}"
+                )
+        unknown = set(inputs) - set(sig.inputs)
+        if inputs and unknown:
+            raise invalid(
+                "Inputs contains invalid name. Used request inputs: "
+                f"{_join(set(inputs) & set(sig.inputs))}, request input: {_join(inputs)}"
+            )
+        seen: set[str] = set()
+        for alias in output_filter:
+            if alias not in sig.outputs:
+                raise invalid(
+                    f"output tensor alias not found in signature: {alias} Outputs expected "
+                    f"to be in the set {{{_join(sig.outputs)}}}."
+                )
+            if alias in seen:
+                raise invalid(f"duplicate output tensor alias: {alias}")
+            seen.add(alias)
+        for i, alias in enumerate(sorted(sig.inputs)):
+            want = sig.inputs[alias].dtype
+            value = feeds[alias]
+            have = codec.DT_STRING if value.dtype == object else codec.dtype_code(value.dtype)
+            if want != have:
+                # The TF runtime's text for a feed of the wrong type (Session::Run).
+                raise invalid(
+                    f"Expects arg[{i}] to be {_dtype_name(want)} but {_dtype_name(have)} "
+                    "is provided"
+                )
+        return feeds
+
+    def run_checked(
+        self, signature_name: str, feeds: dict[str, Any], output_filter: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """Run feeds that :meth:`check_predict` returned."""
+        name = signature_name or DEFAULT_SIGNATURE
+        return self._run(name, self.signature_defs[name], feeds, list(output_filter) or None)
+
+    def _run(
+        self, key: str, sig: Any, feeds: dict[str, Any], aliases: list[str] | None
+    ) -> dict[str, np.ndarray]:
+        """Feed ``feeds`` (by alias) and fetch ``aliases`` (all outputs when None)."""
+        names = tuple(sorted(sig.outputs)) if aliases is None else tuple(aliases)
+        fn = self._callable(key, sig, names)
         try:
-            out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-            message = getattr(e, "message", None) or str(e)
-            raise invalid(message.strip().splitlines()[0]) from e
+            values = fn(*(feeds[alias] for alias in sorted(sig.inputs)))
         except tf.errors.OpError as e:
-            raise ServingError(_grpc_code(e), e.message) from e
-        keys = list(output_filter) or list(out)
-        return {k: out[k].numpy() for k in keys}
+            code = _GRPC_CODE.get(e.error_code, grpc.StatusCode.INTERNAL)
+            raise ServingError(code, e.message) from e
+        except (ValueError, TypeError) as e:
+            # A value numpy/TensorFlow cannot turn into a tensor (ragged lists, objects).
+            raise invalid(str(e)) from e
+        return dict(zip(names, values))
+
+    def _callable(self, key: str, sig: Any, outputs: tuple[str, ...]) -> Callable[..., Any]:
+        """A session callable per (signature, fetched outputs): no per-call graph lookups."""
+        cache_key = (key, outputs)
+        fn = self._callables.get(cache_key)
+        if fn is None:
+            with self._callables_lock:
+                fn = self._callables.get(cache_key)
+                if fn is None:
+                    # C++ Session::MakeCallable, as TF Serving's Session::Run: the feeds go
+                    # to TensorFlow unchanged (the public make_callable with a feed list
+                    # goes through Session.run, which checks shapes and casts dtypes).
+                    options = config_pb2.CallableOptions(
+                        feed=[sig.inputs[a].name for a in sorted(sig.inputs)],
+                        fetch=[sig.outputs[a].name for a in outputs],
+                    )
+                    fn = self._session._make_callable_from_options(options)
+                    if len(self._callables) >= MAX_CACHED_CALLABLES:
+                        self._callables.pop(next(iter(self._callables)))
+                    self._callables[cache_key] = fn
+        return fn
 
     def run_examples(
         self, signature_name: str, method: str, examples: list[bytes]
     ) -> dict[str, np.ndarray]:
-        """Classify/Regress: serialized tf.Examples through a classify/regress signature."""
-        name = signature_name or "serving_default"
-        sig = self.signature(name)
-        if sig.method_name != method:
-            kind = "classification" if method == CLASSIFY_METHOD else "regression"
+        """Classify/Regress: serialized tf.Examples through the signature's ``inputs``.
+
+        The signature is checked as ``classifier.cc``/``regressor.cc`` check it; its
+        ``method_name`` only under ``--enable_signature_method_name_check`` (TF2's
+        ``tf.saved_model.save`` always writes the predict method name).
+
+        Returns:
+            ``classes``/``scores`` (classify) or ``outputs`` (regress), validated.
+        """
+        name = signature_name or DEFAULT_SIGNATURE
+        sig = self.signature_defs.get(name)
+        if sig is None:
+            raise invalid(f"No signature was found with the name: {name}")
+        classify = method == CLASSIFY_METHOD
+        kind = "classification" if classify else "regression"
+        if self.method_name_check and sig.method_name != method:
             raise invalid(
                 f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}"
             )
+        if len(sig.inputs) != 1:
+            raise invalid("Expected one input Tensor.")
+        if classify and len(sig.outputs) not in (1, 2):
+            raise invalid(f"Expected one or two output Tensors, found {len(sig.outputs)}")
+        if not classify and len(sig.outputs) != 1:
+            raise invalid("Expected one output Tensor.")
+        if "inputs" not in sig.inputs:
+            raise invalid(f"No {kind} inputs found in SignatureDef: {sig}")
+        keys = ("classes", "scores") if classify else ("outputs",)
+        wanted = [k for k in keys if k in sig.outputs]
+        if not wanted:
+            raise invalid(
+                'Expected classification signature outputs to contain at least one of "classes" '
+                f'or "scores". Signature was: {sig}'
+                if classify
+                else f"No regression outputs found in SignatureDef: {sig}"
+            )
         if not examples:
             raise invalid("Input is empty.")
-        key = next(iter(sig.inputs))
         arr = np.empty(len(examples), dtype=object)
         arr[:] = examples
-        return self.run(name, {key: arr})
+        out = self._run(name, sig, {"inputs": arr}, wanted)
+        n = len(examples)
+        if classify:
+            _check_classification(out, n)
+        else:
+            values = out["outputs"]
+            if not (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)):
+                raise invalid(
+                    "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
+                    f"but got {_shape(values)}"
+                )
+            if values.shape[0] != n:
+                raise invalid(
+                    f"Input batch size did not match output batch size: {n} vs. {values.shape[0]}"
+                )
+        return out
 
     # ---------------------------------------------------------------------------------------
-    def warmup(self) -> int:
+    def warmup(self, iterations: int = 1) -> int:
         """Replay ``assets.extra/tf_serving_warmup_requests``; any failure fails the load."""
         from tensorflow_serving.apis import prediction_log_pb2
 
@@ -161,20 +300,22 @@ class Servable:
         count = 0
         for raw in tf.data.TFRecordDataset(str(path)):
             if count >= MAX_WARMUP_RECORDS:
-                break
+                raise ValueError(
+                    f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {path}"
+                )
             entry = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
             kind = entry.WhichOneof("log_type")
-            if kind == "predict_log":
-                req = entry.predict_log.request
-                inputs = {k: codec.to_numpy(v) for k, v in req.inputs.items()}
-                sig = req.model_spec.signature_name
-                self.run(sig, self.check_inputs(sig, inputs), list(req.output_filter))
-            elif kind in ("classify_log", "regress_log"):
-                req = getattr(entry, kind).request
-                method = CLASSIFY_METHOD if kind == "classify_log" else REGRESS_METHOD
-                self.run_examples(req.model_spec.signature_name, method, examples_of(req.input))
-            else:
-                raise ValueError(f"warmup record {count}: unsupported log type {kind}")
+            for _ in range(max(1, iterations)):
+                if kind == "predict_log":
+                    req = entry.predict_log.request
+                    inputs = {k: codec.to_numpy(v) for k, v in req.inputs.items()}
+                    self.predict(req.model_spec.signature_name, inputs, list(req.output_filter))
+                elif kind in ("classify_log", "regress_log"):
+                    req = getattr(entry, kind).request
+                    method = CLASSIFY_METHOD if kind == "classify_log" else REGRESS_METHOD
+                    self.run_examples(req.model_spec.signature_name, method, examples_of(req.input))
+                else:
+                    raise ValueError(f"Unsupported log_type for warmup: {kind}")
             count += 1
         log.info(
             "%s/%d: %d warmup requests in %.2fs",
@@ -184,6 +325,82 @@ class Servable:
             time.perf_counter() - start,
         )
         return count
+
+
+def _check_saved_model(path: Path, tags: Sequence[str]) -> None:
+    """The loader's file checks, with TensorFlow C++'s codes and messages (reader.cc, loader.cc)
+    rather than the Python loader's OSError/RuntimeError."""
+    from google.protobuf import message, text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    binary, text = path / "saved_model.pb", path / "saved_model.pbtxt"
+    sm = saved_model_pb2.SavedModel()
+    try:
+        if binary.is_file():
+            try:
+                sm.ParseFromString(binary.read_bytes())
+            except message.DecodeError:
+                raise ServingError(
+                    grpc.StatusCode.DATA_LOSS, f"Can't parse {binary} as binary proto"
+                ) from None
+        elif text.is_file():
+            try:
+                text_format.Parse(text.read_text(), sm)
+            except (text_format.ParseError, UnicodeDecodeError):
+                raise ServingError(
+                    grpc.StatusCode.DATA_LOSS, f"Can't parse {text} as text proto"
+                ) from None
+        else:
+            raise ServingError(
+                grpc.StatusCode.NOT_FOUND,
+                "Could not find SavedModel .pb or .pbtxt at supplied export directory path: "
+                f"{path}. Check that the directory exists and that you have the right "
+                "permissions for accessing it.",
+            )
+    except PermissionError as e:
+        raise ServingError(grpc.StatusCode.PERMISSION_DENIED, f"{e.filename}: {e.strerror}") from e
+    wanted = set(tags)
+    if not any(set(g.meta_info_def.tags) == wanted for g in sm.meta_graphs):
+        raise ServingError(
+            grpc.StatusCode.NOT_FOUND,
+            f"Could not find meta graph def matching supplied tags: {{ {' '.join(sorted(wanted))} "
+            "}. To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+            "`saved_model_cli`",
+        )
+
+
+def _dtype_name(code: int) -> str:
+    return codec.NAMES.get(code, str(code)).removeprefix("DT_").lower()
+
+
+def _shape(a: np.ndarray) -> str:
+    return "[" + ",".join(str(d) for d in a.shape) + "]"
+
+
+def _check_classification(out: dict[str, np.ndarray], n: int) -> None:
+    """``PostProcessClassificationResult``'s checks."""
+    for key, want in (("classes", "DT_STRING"), ("scores", "DT_FLOAT")):
+        value = out.get(key)
+        if value is None:
+            continue
+        if value.ndim != 2:
+            raise invalid(
+                f"Expected Tensor shape: [batch_size num_classes] but got {_shape(value)}"
+            )
+        have = (
+            "DT_STRING"
+            if value.dtype == object
+            else codec.NAMES.get(codec.dtype_code(value.dtype), str(value.dtype))
+        )
+        if have != want:
+            raise invalid(f"Expected {key} Tensor of {want}. Got: {have}")
+        if value.shape[0] != n:
+            raise invalid(f"Expected {key} output batch size of {n}. Got: {value.shape[0]}")
+    if "classes" in out and "scores" in out and out["classes"].shape[1] != out["scores"].shape[1]:
+        raise invalid(
+            "Tensors class and score should match in dim_size(1). Got "
+            f"{out['classes'].shape[1]} vs. {out['scores'].shape[1]}"
+        )
 
 
 def examples_of(input_proto: Any) -> list[bytes]:
@@ -201,15 +418,3 @@ def examples_of(input_proto: Any) -> list[bytes]:
             out.append(merged.SerializeToString())
         return out
     return []
-
-
-def _dtype_name(code: int) -> str:
-    return codec.NAMES.get(code, str(code)).removeprefix("DT_").lower()
-
-
-def _grpc_code(e: tf.errors.OpError) -> Any:
-    import grpc
-
-    # TensorFlow's error codes are the canonical gRPC status codes.
-    by_number = {sc.value[0]: sc for sc in grpc.StatusCode}
-    return by_number.get(e.error_code, grpc.StatusCode.INTERNAL)

@@ -37,7 +37,8 @@ class ModelServer:
         self.manager = ModelManager(
             self.metrics,
             allow_unavailable_labels=options.allow_version_labels_for_unavailable_models,
-            poll_seconds=max(options.file_system_poll_wait_seconds, 0.05),
+            poll_seconds=options.file_system_poll_wait_seconds,
+            load=options.load,
         )
         self.batcher = Batcher(options.batching) if options.batching else None
         self.core = Core(self.manager, self.metrics, self.batcher, options.tensor_content)
@@ -51,6 +52,7 @@ class ModelServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                *options.grpc_channel_arguments,
             ],
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
@@ -59,9 +61,11 @@ class ModelServer:
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelService(self.core, self.reload), self.grpc_server
         )
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        address = f"{options.host}:{options.port}"
+        self.health: health.HealthServicer | None = None
+        if options.enable_grpc_healthcheck_service:
+            self.health = health.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        credentials = None
         if options.tls is not None:
             tls = options.tls
             credentials = grpc.ssl_server_credentials(
@@ -69,11 +73,25 @@ class ModelServer:
                 root_certificates=tls.custom_ca.encode() if tls.custom_ca else None,
                 require_client_auth=tls.client_verify,
             )
-            self.port = self.grpc_server.add_secure_port(address, credentials)
-        else:
-            self.port = self.grpc_server.add_insecure_port(address)
-        if not self.port:
-            raise OptionsError(f"--port: cannot bind {address}")
+        self.port = 0
+        addresses = []
+        if options.port:
+            addresses.append(f"{options.host}:{options.port}")
+        if options.grpc_socket_path:
+            addresses.append(f"unix:{options.grpc_socket_path}")
+        for address in addresses:
+            try:
+                bound = (
+                    self.grpc_server.add_secure_port(address, credentials)
+                    if credentials is not None
+                    else self.grpc_server.add_insecure_port(address)
+                )
+            except RuntimeError:
+                bound = 0
+            if not bound:
+                raise OptionsError(f"cannot listen on {address}")
+            if not address.startswith("unix:"):
+                self.port = bound
         self.rest: RestServer | None = None
         if options.rest_api_port:
             try:
@@ -83,6 +101,9 @@ class ModelServer:
                     options.rest_api_port,
                     metrics_path=options.metrics_path,
                     max_request_bytes=options.max_request_size_bytes,
+                    num_threads=options.rest_api_num_threads,
+                    timeout_seconds=options.rest_api_timeout_in_ms / 1000,
+                    cors=options.rest_api_enable_cors_support,
                 )
             except OSError as e:
                 raise OptionsError(
@@ -95,7 +116,9 @@ class ModelServer:
     def start(self) -> None:
         """Load the configured models (like TF Serving, before serving), then open the ports."""
         self.manager.apply_config(self.options.model_config)
-        self.manager.start()
+        # file_system_poll_wait_seconds: > 0 polls, 0 looked once (above), < 0 never polls.
+        if self.options.file_system_poll_wait_seconds > 0:
+            self.manager.start()
         if self.options.model_config_file and self.options.model_config_file_poll_wait_seconds > 0:
             t = threading.Thread(target=self._poll_config, name="config-poller", daemon=True)
             t.start()
@@ -103,15 +126,11 @@ class ModelServer:
         self.grpc_server.start()
         if self.rest:
             self.rest.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        # The names TF Serving registers (--enable_grpc_healthcheck_service), and the full ones.
-        for name in (
-            "PredictionService",
-            "ModelService",
-            "tensorflow.serving.PredictionService",
-            "tensorflow.serving.ModelService",
-        ):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.health is not None:
+            # What TF Serving registers under --enable_grpc_healthcheck_service: the server
+            # ("") and the two services by their short names.
+            for name in ("", "PredictionService", "ModelService"):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving gRPC on %s:%d, REST on %s",
             self.options.host,
@@ -122,7 +141,7 @@ class ModelServer:
     def reload(self, config: Any) -> None:
         """Replace the whole config (HandleReloadConfigRequest or a changed config file)."""
         try:
-            check_model_config(config, "config")
+            check_model_config(config)
         except OptionsError as e:
             raise invalid(str(e)) from e
         with self._config_lock:
@@ -134,7 +153,7 @@ class ModelServer:
             try:
                 config = read_model_config(self.options.model_config_file)
             except OptionsError as e:
-                log.error("ignoring the model config file: %s", e)
+                log.error("Failed to read ModelServerConfig file: %s", e)
                 continue
             current = config.SerializeToString()
             if current == last:
@@ -144,11 +163,12 @@ class ModelServer:
                 last = current
                 log.info("applied the new %s", self.options.model_config_file)
             except Exception as e:  # noqa: BLE001 - keep serving the old config
-                log.error("cannot apply %s: %s", self.options.model_config_file, e)
+                log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", e)
 
     def stop(self, grace: float = 2.0) -> None:
         self._stop.set()
-        self.health.enter_graceful_shutdown()
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
         if self.rest:
             self.rest.stop()
         self.grpc_server.stop(grace).wait()

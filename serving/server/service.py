@@ -77,11 +77,11 @@ class Core:
     ) -> tuple[Servable, str, dict[str, np.ndarray]]:
         servable = self.manager.resolve(model_spec)
         signature = model_spec.signature_name or "serving_default"
-        checked = servable.check_inputs(signature, inputs)
+        feeds = servable.check_predict(signature, inputs, output_filter)
         if self.batcher is not None:
-            outputs = self.batcher.submit(servable, signature, checked, output_filter)
+            outputs = self.batcher.submit(servable, signature, feeds, output_filter)
         else:
-            outputs = servable.run(signature, checked, output_filter)
+            outputs = servable.run_checked(signature, feeds, output_filter)
         return servable, signature, outputs
 
     def infer_examples(
