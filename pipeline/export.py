@@ -172,10 +172,14 @@ class ServingModule(tf.Module):
 
     def __init__(self, model: Any, spec: DataSpec, threshold: float):
         super().__init__()
-        self.model = model
-        # Keras keeps augmentation layers' seed-generator states outside the tracked object
-        # graph; the traced functions capture them, so they must be reachable from the root.
-        self.model_variables = list(model.variables)
+        # Track the tf.Variables behind Keras 3's variables, not the Keras model: tracked
+        # through the model, each variable is saved twice (one VarHandleOp per copy) and the
+        # checkpoint restores the copy the signatures do not read, so TF Serving's loader (a
+        # TF1 session) fails with "Could not find variable ..." (keras-team/keras#20096).
+        # Keras' own ExportArchive tracks ``variable.value`` the same way. This also keeps the
+        # seed-generator states, outside Keras' tracked object graph, reachable from the root.
+        object.__setattr__(self, "model", model)  # bypasses tf.Module's tracking
+        self.model_variables = [getattr(v, "value", v) for v in model.variables]
         self.spec = spec
         self.threshold = tf.constant(threshold, tf.float32)
         self.class_names = tf.constant(list(spec.classes) or [""])

@@ -34,6 +34,7 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 DEFAULT_SIGNATURE = "serving_default"
+INIT_OP_SIGNATURE = "__saved_model_init_op"
 MAX_CACHED_CALLABLES = 64
 # TensorFlow's error codes are the canonical gRPC status codes.
 _GRPC_CODE = {sc.value[0]: sc for sc in grpc.StatusCode}
@@ -73,18 +74,17 @@ class Servable:
         self.version = version
         self.path = path
         self.method_name_check = method_name_check
-        _check_saved_model(path, tags)
+        self.meta_graph: meta_graph_pb2.MetaGraphDef = _read_meta_graph(path, tags)
         self._graph = tf.Graph()
         self._session = tf.compat.v1.Session(graph=self._graph, config=session_config)
         try:
-            with self._graph.as_default():
-                self.meta_graph: meta_graph_pb2.MetaGraphDef = tf.compat.v1.saved_model.load(
-                    self._session, list(tags), str(path)
-                )
+            _restore_and_init(self._session, self.meta_graph, path)
         except BaseException:
             self._session.close()
             raise
-        self.signature_defs = dict(self.meta_graph.signature_def)
+        self.signature_defs = {
+            k: v for k, v in self.meta_graph.signature_def.items() if k != INIT_OP_SIGNATURE
+        }
         self._callables: dict[tuple[str, tuple[str, ...]], Callable[..., Any]] = {}
         self._callables_lock = threading.Lock()
 
@@ -327,9 +327,50 @@ class Servable:
         return count
 
 
-def _check_saved_model(path: Path, tags: Sequence[str]) -> None:
-    """The loader's file checks, with TensorFlow C++'s codes and messages (reader.cc, loader.cc)
-    rather than the Python loader's OSError/RuntimeError."""
+def _restore_and_init(session: Any, meta_graph: Any, path: Path) -> None:
+    """What TensorFlow's C++ ``LoadSavedModel`` (TF Serving's loader) does with a MetaGraph:
+    import the graph, run the saver's restore op on ``variables/variables`` and then the init
+    op (``__saved_model_init_op``, or the TF1 main/legacy init op), feeding each asset tensor
+    its file under ``assets/``.
+
+    ``tf.compat.v1.saved_model.load`` is not used: it restores through a Python Saver that
+    leaves the variables of Keras 3 exports uninitialized, which the C++ loader does not.
+    """
+    with session.graph.as_default():
+        tf.compat.v1.import_graph_def(meta_graph.graph_def, name="")
+    assets = {}
+    asset_defs = list(meta_graph.asset_file_def)
+    if not asset_defs and "saved_model_assets" in meta_graph.collection_def:
+        for packed in meta_graph.collection_def["saved_model_assets"].any_list.value:
+            asset = meta_graph_pb2.AssetFileDef()
+            packed.Unpack(asset)
+            asset_defs.append(asset)
+    for asset in asset_defs:
+        assets[asset.tensor_info.name] = str(path / "assets" / asset.filename)
+    saver = meta_graph.saver_def
+    if saver.restore_op_name and (path / "variables" / "variables.index").exists():
+        session.run(
+            saver.restore_op_name,
+            {saver.filename_tensor_name: str(path / "variables" / "variables"), **assets},
+        )
+    init = meta_graph.signature_def.get(INIT_OP_SIGNATURE)
+    if init is not None:
+        init_op = init.outputs[INIT_OP_SIGNATURE].name
+    else:
+        init_op = ""
+        collections = meta_graph.collection_def
+        for key in ("saved_model_main_op", "legacy_init_op"):
+            ops = collections[key].node_list.value if key in collections else []
+            if ops:
+                init_op = ops[0]
+                break
+    if init_op:
+        session.run(session.graph.as_graph_element(init_op), assets)
+
+
+def _read_meta_graph(path: Path, tags: Sequence[str]) -> Any:
+    """The MetaGraph tagged exactly ``tags``, with TensorFlow C++'s codes and messages
+    (reader.cc, loader.cc) rather than the Python loader's OSError/RuntimeError."""
     from google.protobuf import message, text_format
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -360,13 +401,15 @@ def _check_saved_model(path: Path, tags: Sequence[str]) -> None:
     except PermissionError as e:
         raise ServingError(grpc.StatusCode.PERMISSION_DENIED, f"{e.filename}: {e.strerror}") from e
     wanted = set(tags)
-    if not any(set(g.meta_info_def.tags) == wanted for g in sm.meta_graphs):
-        raise ServingError(
-            grpc.StatusCode.NOT_FOUND,
-            f"Could not find meta graph def matching supplied tags: {{ {' '.join(sorted(wanted))} "
-            "}. To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
-            "`saved_model_cli`",
-        )
+    for graph in sm.meta_graphs:
+        if set(graph.meta_info_def.tags) == wanted:
+            return graph
+    raise ServingError(
+        grpc.StatusCode.NOT_FOUND,
+        f"Could not find meta graph def matching supplied tags: {{ {' '.join(sorted(wanted))} "
+        "}. To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+        "`saved_model_cli`",
+    )
 
 
 def _dtype_name(code: int) -> str:
