@@ -180,6 +180,13 @@ class ServingModule(tf.Module):
         # seed-generator states, outside Keras' tracked object graph, reachable from the root.
         object.__setattr__(self, "model", model)  # bypasses tf.Module's tracking
         self.model_variables = [getattr(v, "value", v) for v in model.variables]
+        # The lookup tables of StringLookup/IntegerLookup layers, for the same reason.
+        self.model_resources = [
+            value
+            for layer in model._flatten_layers(include_self=False)
+            for value in vars(layer).values()
+            if isinstance(value, tf.saved_model.experimental.TrackableResource)
+        ]
         self.spec = spec
         self.threshold = tf.constant(threshold, tf.float32)
         self.class_names = tf.constant(list(spec.classes) or [""])

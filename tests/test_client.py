@@ -208,15 +208,16 @@ def test_reload_config(tiny, tmp_path):
     with ServingClient(f"127.0.0.1:{server.port}", model="tiny") as client:
         client.reload_config(
             f'model_config_list {{ config {{ name: "tiny" base_path: "{base}" '
-            'model_platform: "tensorflow" model_version_policy { specific { versions: 1 } } } }'
+            'model_platform: "tensorflow" model_version_policy { specific { versions: 1 } } '
+            'version_labels { key: "stable" value: 1 } } }'
         )
         client.wait_until_available(1, deadline=10)
         assert client.predict({"x": np.zeros((1, 2), np.float32)}).version == 1
-        with pytest.raises(FailedPreconditionError):
+        with pytest.raises(FailedPreconditionError):  # an existing label never moves to 2
             client.reload_config(
                 f'model_config_list {{ config {{ name: "tiny" base_path: "{base}" '
                 "model_version_policy { specific { versions: 1 } } "
-                'version_labels { key: "canary" value: 2 } } }'
+                'version_labels { key: "stable" value: 2 } } }'
             )
 
 

@@ -453,6 +453,7 @@ def test_health_and_metrics(serve, tmp_path, two_versions):
         str(two_versions),
         "--monitoring_config_file",
         str(monitoring),
+        "--enable_grpc_healthcheck_service",
     )
     c = Client(server)
     health = health_pb2_grpc.HealthStub(c.channel)
@@ -593,7 +594,7 @@ def test_batcher_rejects_when_the_queue_is_full():
     release = threading.Event()
 
     class Slow:
-        def run(self, signature, inputs, output_filter):
+        def run_checked(self, signature, inputs, output_filter):
             release.wait(5)
             return {"y": inputs["x"]}
 
