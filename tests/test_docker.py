@@ -129,10 +129,14 @@ def test_failing_start_reports_the_logs_and_cleans_up(
 ):
     base = tmp_path / "tiny"
     library.copy(base, 1)
-    container = _container(base, entrypoint, start_timeout=60, extra_flags=["--no_such_flag"])
-    with pytest.raises(DockerLaunchError, match="exited with status 2") as e:
+    # A malformed value stops tensorflow_model_server with its usage and `return -1` (an
+    # unknown flag would only be reported and ignored).
+    container = _container(
+        base, entrypoint, start_timeout=60, extra_flags=["--rest_api_timeout_in_ms=soon"]
+    )
+    with pytest.raises(DockerLaunchError, match="exited with status 255") as e:
         container.start()
-    assert "unrecognized arguments: --no_such_flag" in str(e.value)  # the server's own words
+    assert "--rest_api_timeout_in_ms" in str(e.value)  # the server's own words
     assert not no_leftovers()
     (tmp_path / "bad.config").write_text("this is not a text proto")
     with pytest.raises(DockerLaunchError, match="not a readable ModelServerConfig"):

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from tensorflow_serving.config import model_server_config_pb2
@@ -301,8 +302,17 @@ def _int(kind: str) -> Any:
     return parse
 
 
+class _FlagParser(argparse.ArgumentParser):
+    """A malformed flag value ends the process as tensorflow_model_server's does: the usage,
+    then ``return -1`` from main (exit status 255)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(255, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _FlagParser(
         prog="python -m serving.server",
         description=(
             "A TensorFlow-Serving-compatible model server (gRPC PredictionService/ModelService "
