@@ -571,15 +571,19 @@ class Publisher:
 
     ``sync_cmd`` (a shell command) copies the production directory where the servers read it
     (e.g. a bucket) after files change and before a config references them. ``kube_configmap``
-    (NAMESPACE/NAME) patches the ConfigMap's models.config, which TF Serving polls; otherwise a
-    live server (``client``) is told with HandleReloadConfigRequest.
+    (NAMESPACE/NAME) patches the ConfigMap's models.config, which TF Serving polls; servers that
+    poll their own copy of the file (``servers_poll``) are only watched; otherwise every replica
+    is told with HandleReloadConfigRequest. Each step waits for *every* replica (see
+    serving/replicas.py): a label moves only once all of them serve the version.
     """
 
     paths: Any
-    client: Any = None
+    replicas: Any = None  # serving.replicas.Replicas
     serving_base_path: str = ""
     sync_cmd: str = ""
     kube_configmap: str = ""
+    servers_poll: bool = False
+    deadline: float = 600.0
     kubectl: str = "kubectl"
 
     def base_path(self) -> str:
@@ -610,13 +614,35 @@ class Publisher:
                     f"kubectl patch configmap {self.kube_configmap} failed: "
                     f"{(result.stderr or result.stdout).strip()[-500:]}"
                 )
-        elif self.client is not None:
-            self.client.reload_config(config)
+        elif self.replicas and not self.servers_poll:
+            self._on_replicas(lambda: self.replicas.reload_config(config))
 
     def wait_available(self, version: int) -> None:
-        if self.client is not None:
-            # A polled ConfigMap takes the kubelet's sync plus TF Serving's poll to arrive.
-            self.client.wait_until_available(version, deadline=600 if self.kube_configmap else 300)
+        if self.replicas:
+            seen = self._on_replicas(lambda: self.replicas.wait_available(version, self.deadline))
+            print(f"  v{version} AVAILABLE on {len(seen)} replica(s): {', '.join(seen)}")
+
+    def verify(self, labels: dict[str, int]) -> None:
+        if self.replicas:
+            seen = self._on_replicas(lambda: self.replicas.wait_labels(labels, self.deadline))
+            print(f"  labels {labels} on {len(seen)} replica(s)")
+
+    def wait_unloaded(self, versions: set[int]) -> None:
+        if self.replicas and versions:
+            self._on_replicas(lambda: self.replicas.wait_unloaded(versions, self.deadline))
+
+    def _on_replicas(self, step: Any) -> Any:
+        from serving.errors import ServingClientError
+        from serving.replicas import ReplicaError
+
+        try:
+            return step()
+        except (ReplicaError, ServingClientError) as e:
+            raise PromotionError(str(e)) from e
+
+    def close(self) -> None:
+        if self.replicas:
+            self.replicas.close()
 
 
 @dataclass
@@ -735,6 +761,7 @@ def push(
     set_versions(mc, loaded | {version}, new_labels)
     pub.publish(config)
     fault_point("label_moved")
+    pub.verify(new_labels)
 
     removed = apply_retention(paths, cfg.keep_versions, pub)
     fault_point("retention")
@@ -754,9 +781,10 @@ def apply_retention(paths: Paths, keep: int, pub: Publisher) -> list[int]:
     drop = sorted(on_disk - keep_set)
     loaded = set(mc.model_version_policy.specific.versions)
     if loaded & set(drop):
-        # Unload first; only then delete the files the servers were reading.
+        # Unload first, on every replica; only then delete the files they were reading.
         set_versions(mc, loaded - set(drop), labels)
         pub.publish(config)
+        pub.wait_unloaded(loaded & set(drop))
     for v in drop:
         shutil.rmtree(paths.model_dir / str(v), ignore_errors=True)
     if drop:
@@ -780,12 +808,21 @@ def _lock(prod: Path, wait: float) -> Any:
 
 
 def _publisher(args: argparse.Namespace, paths: Paths) -> Publisher:
-    client = None
-    if args.server:
-        from serving.client import ServingClient
+    from serving.replicas import Replicas
 
-        client = ServingClient(args.server, model=args.model, timeout=60)
-    return Publisher(paths, client, args.serving_base_path, args.sync_cmd, args.kube_configmap)
+    try:
+        replicas = Replicas(args.server, args.model)
+    except ValueError as e:
+        raise ConfigError(f"--server {e}") from e
+    return Publisher(
+        paths,
+        replicas,
+        args.serving_base_path,
+        args.sync_cmd,
+        args.kube_configmap,
+        servers_poll=args.servers_poll,
+        deadline=args.replica_deadline,
+    )
 
 
 def promote(args: argparse.Namespace, cfg: Config) -> int:
@@ -824,8 +861,7 @@ def promote(args: argparse.Namespace, cfg: Config) -> int:
         try:
             result = push(paths, args.version, label, pub, cfg.promote)
         finally:
-            if pub.client is not None:
-                pub.client.close()
+            pub.close()
         record.update(outcome="promoted", result=result)
         print(
             f"PROMOTED {args.model} v{args.version} as {label} (previous: "
@@ -879,6 +915,7 @@ def move_label(args: argparse.Namespace, action: str) -> int:
         A.write_json(paths.model_dir / STATE_FILE, new_state)
         set_versions(mc, loaded, new_labels)
         pub.publish(config)
+        pub.verify(new_labels)
         record.update(outcome="done", version=target, labels=new_labels)
         print(f"{action}: {args.model} stable → v{target} (labels {new_labels})")
         return 0
@@ -886,8 +923,7 @@ def move_label(args: argparse.Namespace, action: str) -> int:
         record.update(outcome="error", error=str(e))
         raise
     finally:
-        if pub.client is not None:
-            pub.client.close()
+        pub.close()
         audit(paths.prod, record)
         lock.release()
 
@@ -906,14 +942,17 @@ def status(args: argparse.Namespace) -> int:
         f" on disk {on_disk}, labels {dict(mc.version_labels)}, "
         f"rollback target {state.get('previous')}"
     )
-    if args.server:
-        client = _publisher(args, paths).client
-        for s in client.status():
-            print(
-                f"  server: version {s.version} {s.state}"
-                + (f" ({s.error_message})" if s.error_message else "")
-            )
-        client.close()
+    pub = _publisher(args, paths)
+    try:
+        for target in pub.replicas.targets():
+            client = pub.replicas.client(target)
+            for s in client.status():
+                print(
+                    f"  {target}: version {s.version} {s.state}"
+                    + (f" ({s.error_message})" if s.error_message else "")
+                )
+    finally:
+        pub.close()
     audit_path = paths.prod / AUDIT_FILE
     if audit_path.exists():
         lines = [json.loads(line) for line in audit_path.read_text().splitlines() if line]
@@ -973,7 +1012,29 @@ def _parser(command: str) -> argparse.ArgumentParser:
             help="config override, e.g. promote.keep_versions=5",
         )
     p.add_argument("--to", default="production", help="production directory")
-    p.add_argument("--server", default="", help="live server to reload and watch (host:port)")
+    p.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a serving replica to reload (unless they poll a file) and wait for; repeatable. "
+        "HOST:PORT, dns:NAME:PORT (every address of a headless Service), @FILE (one "
+        "HOST:PORT per line) or kube:NAMESPACE/SERVICE:PORT (its ready pods through "
+        "kubectl port-forward); resolved again at every check",
+    )
+    p.add_argument(
+        "--servers-poll",
+        action="store_true",
+        help="the servers read models.config themselves (--model_config_file_poll_wait_seconds): "
+        "publish the file only, then wait for every replica",
+    )
+    p.add_argument(
+        "--replica-deadline",
+        type=float,
+        default=600.0,
+        help="seconds every replica gets to reach each step (default 600: a kubelet's "
+        "ConfigMap sync plus TF Serving's poll plus the load)",
+    )
     p.add_argument(
         "--serving-base-path",
         default="",
