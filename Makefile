@@ -108,5 +108,8 @@ $(TOOLS): Makefile
 check-deploy: $(TOOLS) $(STAMP) k8s/overlays/staging/models.config k8s/overlays/production/models.config  ## offline checks of k8s manifests and workflows
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_deploy.py
 
-.PHONY: FORCE rollout check-deploy
+rehearse: $(TOOLS) $(STAMP) k8s/overlays/production/models.config  ## the production flow on this machine: replicas, kubelet delays, load, promote/canary/rollback
+	$(PY) -m serving.rehearse $(ARGS)
+
+.PHONY: FORCE rollout check-deploy rehearse
 FORCE:

@@ -246,8 +246,16 @@ class ExportConfig:
     parity_rtol: float = 1e-4
     # Sign assets.extra/MANIFEST.sha256 with this private key (PEM, Ed25519 or ECDSA).
     signing_key: str = ""
+    # "sequence" (1, 2, 3…) or "timestamp" (Unix seconds: no collisions between CI runners
+    # that export into one store without seeing each other's versions).
+    version_scheme: str = "sequence"
 
     def __post_init__(self) -> None:
+        if self.version_scheme not in ("sequence", "timestamp"):
+            raise ConfigError(
+                f"export.version_scheme: expected 'sequence' or 'timestamp', got "
+                f"{self.version_scheme!r}"
+            )
         if not 0 <= self.warmup_records <= 1000:
             raise ConfigError(
                 "export.warmup_records: TF Serving reads at most 1000 warmup records; "

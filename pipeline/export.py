@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def export(cfg: Config) -> Path | str:
         for stale in base.glob(".tmp-*"):
             log.warning("removing %s left by an interrupted export", stale)
             shutil.rmtree(stale, ignore_errors=True)
-        version = next_version(base)
+        version = next_version(base, cfg.export.version_scheme)
         tmp = base / f".tmp-{version}-{os.getpid()}"
         try:
             build_version(tmp, model, spec, cfg, metrics, x_test, version)
@@ -113,7 +114,7 @@ def export_remote(
     base = f"{cfg.export.model_base_path.rstrip('/')}/{cfg.model.name}"
     gfile.makedirs(base)
     existing = [int(n.rstrip("/")) for n in gfile.listdir(base) if n.rstrip("/").isdigit()]
-    version = max(existing, default=0) + 1
+    version = choose_version(existing, cfg.export.version_scheme)
     dest = f"{base}/{version}"
     if gfile.exists(dest):
         raise PipelineError(f"{dest}: exists; versions are never overwritten")
@@ -129,12 +130,20 @@ def export_remote(
     return dest
 
 
-def next_version(base: Path) -> int:
+def next_version(base: Path, scheme: str = "sequence") -> int:
     versions = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
     mark = base / HIGH_WATER
     if mark.exists():
         versions.append(int(mark.read_text().strip() or 0))
-    return max(versions, default=0) + 1
+    return choose_version(versions, scheme)
+
+
+def choose_version(existing: list[int], scheme: str) -> int:
+    """``sequence``: one more than the highest. ``timestamp``: the export's Unix time (as TFX's
+    Pusher does), so runners that never saw each other's versions do not collide; still above
+    the highest, since TF Serving serves the largest number as the latest."""
+    after = max(existing, default=0) + 1
+    return max(after, int(time.time())) if scheme == "timestamp" else after
 
 
 def build_version(
