@@ -294,7 +294,7 @@ class Load:
 # --- the flow ----------------------------------------------------------------------------------
 
 
-def _run(cmd: list[str], log: Path, what: str) -> str:
+def _run(cmd: list[str], log: Path, what: str) -> None:
     with log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
@@ -303,7 +303,6 @@ def _run(cmd: list[str], log: Path, what: str) -> str:
         raise RehearsalError(
             f"{what} failed (exit {out.returncode}); see {log}\n{(out.stdout + out.stderr)[-1500:]}"
         )
-    return out.stdout
 
 
 def replica_labels(replica: Replica, model: str, labels: list[str]) -> dict[str, Any]:
@@ -411,18 +410,11 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start_replica()
 
         def train_v(seed: int, stages: str) -> Callable[[], None]:
-            return lambda: (
-                _run(
-                    [*pipeline, "run", "--skip-tune", "--stages", stages, *common]
-                    + ["--set", f"train.seed={seed}"],
-                    log,
-                    "training",
-                ),
-                None,
-            )[1]
+            argv = [*pipeline, "run", "--skip-tune", "--stages", stages, *common]
+            return lambda: _run([*argv, "--set", f"train.seed={seed}"], log, "training")
 
-        def promote_step(*extra: str) -> Callable[[], None]:
-            return lambda: (_run([*promote, *extra], log, " ".join(extra[:2])), None)[1]
+        def promote_step(*argv: str) -> Callable[[], None]:
+            return lambda: _run([*promote, *argv], log, " ".join(argv[:2]))
 
         phase("train+export v1", train_v(1, "ingest,train,evaluate,export"))
         expected = {"stable": 1}
