@@ -12,7 +12,8 @@ Replicas are named by specs, resolved again at every check (pods come and go):
 - ``HOST:PORT``: one server.
 - ``dns:NAME:PORT``: every address NAME resolves to; for a headless Service, its ready pods.
 - ``@FILE``: one ``HOST:PORT`` per line (an endpoints list kept by something else).
-- ``kube:NAMESPACE/SERVICE:PORT``: the ready endpoints of a Service, each reached through its
+- ``kube:NAMESPACE/SERVICE:PORT``: the endpoints of a Service that publishes not-ready
+  addresses (k8s/base/service-replicas.yaml), less the terminating ones, each reached through its
   own ``kubectl port-forward pod/NAME`` (for a promotion run outside the cluster, e.g. CI).
 """
 
@@ -155,7 +156,9 @@ class Replicas:
             ep["targetRef"]["name"]
             for item in json.loads(out.stdout).get("items", [])
             for ep in item.get("endpoints", [])
-            if ep.get("conditions", {}).get("ready", True) and ep.get("targetRef")
+            # Every pod that is not going away, ready or not (the Service publishes not-ready
+            # addresses): a pod still loading must also reach each step.
+            if not ep.get("conditions", {}).get("terminating", False) and ep.get("targetRef")
         }
         for key in [k for k in self._forwards if k[0] == namespace and k[1] not in pods]:
             self._forwards.pop(key)[0].terminate()  # the pod is gone

@@ -139,16 +139,25 @@ def test_serving_deployment_properties(rendered, env):
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/path"] == "/monitoring/prometheus/metrics"
 
-    replicas = spec["replicas"]
+    assert "replicas" not in spec  # the HPA owns the scale
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert (
         hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     )
     pdb = one(docs, "PodDisruptionBudget")
-    assert pdb["spec"]["minAvailable"] < min(replicas, hpa["spec"]["minReplicas"])
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    # Spread over nodes; a preStop wait shorter than the grace period.
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert "kubernetes.io/hostname" in keys
+    assert (
+        pod["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    )
+    model = deploy["metadata"]["annotations"]["tfserving-pipeline/model"]
+    assert ready["httpGet"]["path"] == f"/v1/models/{model}/metadata"
     services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
     assert services["tfserving"]["spec"]["type"] == "ClusterIP"
     assert services["tfserving-headless"]["spec"]["clusterIP"] == "None"
+    assert services["tfserving-replicas"]["spec"]["publishNotReadyAddresses"] is True
     selector = deploy["spec"]["selector"]["matchLabels"]
     for svc in services.values():
         assert all(svc["spec"]["selector"].get(k) == v for k, v in selector.items())
@@ -166,11 +175,103 @@ def test_serving_deployment_properties(rendered, env):
 
 def test_production_is_bigger_than_staging(rendered):
     def of(env):
-        deploy = one(rendered[env], "Deployment")
-        return deploy["spec"]["replicas"], one(rendered[env], "HorizontalPodAutoscaler")["spec"]
+        return one(rendered[env], "HorizontalPodAutoscaler")["spec"]
 
-    (stage_replicas, stage_hpa), (prod_replicas, prod_hpa) = of("staging"), of("production")
-    assert prod_replicas > stage_replicas and prod_hpa["maxReplicas"] > stage_hpa["maxReplicas"]
+    stage, prod = of("staging"), of("production")
+    assert prod["minReplicas"] > stage["minReplicas"] and prod["maxReplicas"] > stage["maxReplicas"]
+
+
+# --- what the real tensorflow/serving would reject (serving/deploycheck.py) -----------------
+
+
+def test_rendered_environments_pass_the_deploy_check(rendered):
+    from serving.deploycheck import check
+
+    for env in OVERLAYS:
+        assert check(rendered[env], env) == []
+
+
+def _replace(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path}: {old!r} not found (the mutation no longer applies)"
+    path.write_text(text.replace(old, new, 1))
+
+
+DEPLOYMENT = "base/deployment.yaml"
+FLAG = "            - --enable_batching=true\n"
+MUTATIONS = {
+    "unknown flag": (
+        DEPLOYMENT, FLAG, FLAG + "            - --enable_model_warmup_v2=true\n",
+        "--enable_model_warmup_v2: not a tensorflow_model_server flag",
+    ),
+    "our own flag": (
+        DEPLOYMENT, FLAG, FLAG + "            - --host=0.0.0.0\n", "--host: not a",
+    ),
+    "bad flag value": (
+        DEPLOYMENT, "--enable_batching=true", "--enable_batching=yes", "expected true, false",
+    ),
+    "labels flag missing": (
+        DEPLOYMENT, "- --allow_version_labels_for_unavailable_models=true", "",
+        "--allow_version_labels_for_unavailable_models=true is missing",
+    ),
+    "config file not mounted": (
+        DEPLOYMENT, "--batching_parameters_file=/config/batching.config",
+        "--batching_parameters_file=/etc/batching.config", "no volume is mounted at /etc",
+    ),
+    "unparsable models.config": (
+        "overlays/production/models.config", "model_config_list {", "model_config_list {{",
+        "Invalid protobuf file",
+    ),
+    "unparsable batching.config": (
+        "base/batching.config", "max_batch_size", "max_batch_sise", "Invalid protobuf file",
+    ),
+    "relative base_path": (
+        "overlays/production/models.config", 'base_path: "/models/digits"',
+        'base_path: "models/digits"', "to have an absolute path or URI",
+    ),
+    "host base_path": (
+        "overlays/production/models.config", 'base_path: "/models/digits"',
+        'base_path: "/home/me/production/digits"', "a host path?",
+    ),
+    "probe on a model not served": (
+        DEPLOYMENT, "tfserving-pipeline/model: digits", "tfserving-pipeline/model: mnist",
+        "model 'mnist' is not in models.config",
+    ),
+    "label on an unloaded version": (
+        "overlays/production/models.config",
+        "model_version_policy { latest { num_versions: 1 } }",
+        'model_version_policy { specific { versions: 1 } }\n    version_labels { key: "stable"'
+        " value: 2 }",
+        "label 'stable' → version 2",
+    ),
+    "replicas under an HPA": (
+        DEPLOYMENT, "  revisionHistoryLimit: 5", "  replicas: 3\n  revisionHistoryLimit: 5",
+        "sets replicas while a HorizontalPodAutoscaler",
+    ),
+    "image not the pinned release": (
+        DEPLOYMENT, "image: tensorflow/serving:2.21.0", "image: tensorflow/serving:2.14.1",
+        "the pinned tensorflow-serving-api is 2.21",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_deploy_check_fails_on_each_broken_copy(tmp_path, mutation):
+    from serving.deploycheck import check
+
+    kubectl = tool("kubectl")
+    copy = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    shutil.copy(ROOT / "k8s/base/models.config", copy / "overlays/production/models.config")
+    file, old, new, expected = MUTATIONS[mutation]
+    _replace(copy / file, old, new)
+    docs = [
+        d
+        for d in yaml.safe_load_all(run(kubectl, "kustomize", str(copy / "overlays/production")))
+        if d
+    ]
+    problems = check(docs)
+    assert any(expected in p for p in problems), problems
 
 
 def test_tuning_and_training_jobs(rendered):
