@@ -391,3 +391,65 @@ def test_publishing_to_a_configmap_and_a_synced_store(env, tmp_path, monkeypatch
     second = json.loads(patches[1][-1])["data"]["models.config"]
     assert 'base_path: "gs://bucket/production/shapes"' in first and "stable" not in first
     assert 'key: "stable"' in second
+
+
+def test_ci_approval_is_the_environment_reviewer(monkeypatch):
+    """--approval-from-github reads this run's environment reviews from the API (here a local
+    stand-in): the reviewer who approved 'production' is the record, the actor never is."""
+    import argparse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serving.promote import approval_record
+
+    reviews: list[dict] = []
+    seen: list[str] = []
+
+    class Api(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(f"{self.path} {self.headers['Authorization']}")
+            body = json.dumps(reviews).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for k, v in {
+        "GITHUB_API_URL": f"http://127.0.0.1:{server.server_port}",
+        "GITHUB_REPOSITORY": "acme/models",
+        "GITHUB_RUN_ID": "77",
+        "GITHUB_TOKEN": "t0ken",
+        "GITHUB_ACTOR": "mallory",  # started the run; must never become the approver
+    }.items():
+        monkeypatch.setenv(k, v)
+    args = argparse.Namespace(
+        approval_from_github="production", approve=True, approver="", reason=""
+    )
+    try:
+        record, problem = approval_record(args)
+        assert record is None and "required reviewer of the 'production'" in problem
+        assert seen == ["/repos/acme/models/actions/runs/77/approvals Bearer t0ken"]
+        reviews.append(
+            {"state": "approved", "user": {"login": "bob"}, "comment": "staging looked fine",
+             "environments": [{"name": "staging"}]}
+        )  # fmt: skip
+        assert approval_record(args)[0] is None  # an approval of another environment
+        reviews.append(
+            {"state": "rejected", "user": {"login": "carol"}, "comment": "",
+             "environments": [{"name": "production"}]}
+        )  # fmt: skip
+        assert approval_record(args)[0] is None
+        reviews.append(
+            {"state": "approved", "user": {"login": "alice"}, "comment": "ship it",
+             "environments": [{"name": "production"}]}
+        )  # fmt: skip
+        record, _ = approval_record(args)
+        assert record is not None
+        assert record["approver"] == "alice" and record["reason"] == "ship it"
+        assert record["via"] == "github-environment:production"
+    finally:
+        server.shutdown()
