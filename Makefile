@@ -88,13 +88,17 @@ ENV     ?= staging
 KUBECTL ?= kubectl
 ROLLOUT_TIMEOUT ?= 10m
 
+STORE   ?= production
+
 k8s/overlays/%/models.config: FORCE
-	@if [ -f production/models.config ]; then cp production/models.config $@; \
+	@if [ -f $(STORE)/models.config ]; then cp $(STORE)/models.config $@; \
 	else cp k8s/base/models.config $@; fi
 
-rollout: k8s/overlays/$(ENV)/models.config  ## kubectl apply -k the ENV overlay (staging|production) and wait for the rollout
+rollout: k8s/overlays/$(ENV)/models.config $(TOOLS) $(STAMP)  ## render the ENV overlay (staging|production), check it as TF Serving would, apply, wait
 	@case "$(ENV)" in staging|production) ;; *) echo "ENV must be staging or production"; exit 2;; esac
-	$(KUBECTL) apply -k k8s/overlays/$(ENV)
+	@mkdir -p artifacts && .venv-tools/bin/kubectl kustomize k8s/overlays/$(ENV) > artifacts/rendered-$(ENV).yaml
+	$(PY) -m serving.deploycheck artifacts/rendered-$(ENV).yaml
+	$(KUBECTL) apply -f artifacts/rendered-$(ENV).yaml
 	$(KUBECTL) rollout status deployment/tfserving -n $(if $(filter production,$(ENV)),tfserving,tfserving-staging) --timeout=$(ROLLOUT_TIMEOUT)
 
 TOOLS := .venv-tools/.installed
@@ -111,5 +115,18 @@ check-deploy: $(TOOLS) $(STAMP) k8s/overlays/staging/models.config k8s/overlays/
 rehearse: $(TOOLS) $(STAMP) k8s/overlays/production/models.config  ## the production flow on this machine: replicas, kubelet delays, load, promote/canary/rollback
 	$(PY) -m serving.rehearse $(ARGS)
 
-.PHONY: FORCE rollout check-deploy rehearse
+IMAGE  ?=
+RUN_ID ?=
+train-jobs:  ## tuning + training Jobs in the cluster: make train-jobs IMAGE=REGISTRY/tfserving-pipeline@sha256:… RUN_ID=…
+	@case "$(IMAGE)" in *@sha256:*) ;; *) echo "IMAGE must name the image by digest (…@sha256:…), as image.yml prints it"; exit 2;; esac
+	@case "$(RUN_ID)" in ""|*[!A-Za-z0-9._-]*) echo "RUN_ID: the run directory on the artifacts volume"; exit 2;; esac
+	@mkdir -p k8s/jobs-run
+	@printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
+		'resources: [../jobs]' 'configMapGenerator:' '  - name: pipeline-run' '    behavior: replace' \
+		'    literals: [RUN_ID=$(RUN_ID)]' 'images:' '  - name: tfserving-pipeline' \
+		'    newName: $(firstword $(subst @, ,$(IMAGE)))' '    digest: $(lastword $(subst @, ,$(IMAGE)))' \
+		> k8s/jobs-run/kustomization.yaml
+	$(KUBECTL) apply -k k8s/jobs-run
+
+.PHONY: FORCE rollout check-deploy rehearse train-jobs
 FORCE:

@@ -349,18 +349,58 @@ def test_permissions_are_minimal_and_inputs_never_interpolated():
     for name, wf in workflows.items():
         assert wf["permissions"] == {"contents": "read"}, f"{name}: top-level permissions"
         for job_name, job in wf["jobs"].items():
-            extra = set(job.get("permissions", {})) - {"contents", "id-token"}
+            allowed = {"contents", "id-token"} | (
+                {"packages"}
+                if name == "image"
+                else {"actions"}
+                if job_name == "production"
+                else set()
+            )
+            extra = set(job.get("permissions", {})) - allowed
             assert not extra, f"{name}.{job_name} asks for {extra}"
         for step in _steps(wf):
             script = step.get("run", "")
             assert "${{" not in script, f"{name}: an expression is interpolated into a script"
     promote = workflows["promote"]
-    (job,) = promote["jobs"].values()
-    assert job["environment"] == "production"
-    assert job["permissions"] == {"contents": "read", "id-token": "write"}
+    jobs = promote["jobs"]
+    assert list(jobs) == ["staging", "production"]  # staging first, always
+    assert jobs["staging"]["environment"] == "staging"
+    prod = jobs["production"]
+    assert prod["needs"] == "staging" and prod["environment"] == "production"
+    assert prod["permissions"] == {"contents": "read", "id-token": "write", "actions": "read"}
+    scripts = " ".join(step.get("run", "") for step in prod["steps"])
+    assert "--approval-from-github production" in scripts and "--approve" not in scripts.replace(
+        "--approval-from-github", ""
+    )
     assert promote["concurrency"]["cancel-in-progress"] is False
     assert "workflow_dispatch" in promote[True] and set(
         promote[True]["workflow_dispatch"]["inputs"]
     ) == {"model", "version", "label"}
+    runner = (ROOT / ".github/promote-run.sh").read_text()
+    assert '--server "kube:$NAMESPACE/tfserving-replicas:8500"' in runner
+    assert "--servers-poll" in runner
     train = workflows["train"]
     assert {"workflow_dispatch", "schedule"} <= set(train[True])
+    train_script = " ".join(step.get("run", "") for step in _steps(train))
+    assert (
+        "export.version_scheme=timestamp" in train_script and "gs://$BUCKET/runs/" in train_script
+    )
+
+
+def test_training_jobs_run_the_image_by_digest(tmp_path):
+    kubectl = tool("kubectl")
+    image = "ghcr.io/acme/tfserving-pipeline@sha256:" + "ab" * 32
+    run("make", "train-jobs", f"IMAGE={image}", "RUN_ID=run-7", "KUBECTL=true")
+    docs = [d for d in yaml.safe_load_all(run(kubectl, "kustomize", "k8s/jobs-run")) if d]
+    for job in by_kind(docs, "Job"):
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == image
+        (env,) = [e for e in container["env"] if e["name"] == "RUN_ID"]
+        cm = env["valueFrom"]["configMapKeyRef"]["name"]
+        (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm]
+        assert config["data"]["RUN_ID"] == "run-7"
+    result = subprocess.run(
+        ["make", "train-jobs", "IMAGE=ghcr.io/acme/tfserving-pipeline:latest", "RUN_ID=x"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0 and "by digest" in result.stdout
