@@ -278,3 +278,15 @@ def test_export_to_an_object_store_path(trained):
     assert {"saved_model.pb", "variables", "assets.extra"} <= {n.rstrip("/") for n in names}
     loaded = tf.saved_model.load("ram://bucket/models/shapes/2")
     assert "serving_default" in loaded.signatures
+
+
+def test_timestamp_versions_never_collide_and_still_grow():
+    import time
+
+    from pipeline.export import choose_version
+
+    now = int(time.time())
+    assert choose_version([1, 2], "sequence") == 3
+    assert now <= choose_version([1, 2], "timestamp") <= int(time.time())
+    future = now + 10_000  # a version from a runner whose clock runs ahead
+    assert choose_version([future], "timestamp") == future + 1
