@@ -61,7 +61,7 @@ def test_never_overwrites_an_existing_version(trained, tmp_path, monkeypatch):
     cfg = replace(cfg, export=replace(cfg.export, model_base_path=str(tmp_path / "m")))
     existing = export(cfg)
     before = (existing / "saved_model.pb").read_bytes()
-    monkeypatch.setattr(export_module, "next_version", lambda base: 1)
+    monkeypatch.setattr(export_module, "next_version", lambda base, scheme: 1)
     with pytest.raises(OSError):
         export(cfg)
     assert (existing / "saved_model.pb").read_bytes() == before
