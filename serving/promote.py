@@ -1,20 +1,21 @@
 """Gated promotion to production, canary, rollback and an audit trail.
 
     python -m serving.promote MODEL VERSION --from models --to production [--approve
-        --approver NAME --reason TEXT] [--dry-run] [--canary] [--server HOST:PORT]
+        --approver NAME --reason TEXT] [--dry-run] [--canary] [--server SPEC]…
         [--runtime embedded|docker] [--allow-signature-break]
     python -m serving.promote {rollback,finalize,status} MODEL --to production [--server …]
 
-Gates run first and change nothing: integrity (manifest, optional signature), quality
-(thresholds, and no regression against production's ``stable`` with both evaluated now on the
-same data), compatibility (production's signatures still accepted), infra validation (a fresh
-server loads the candidate, replays its warmup, answers real examples over gRPC matching
-in-process predictions, within the latency budget) and approval. Only then the push: copy into
-``production/MODEL/VERSION`` (temporary name, then rename), write ``models.config`` with both
-versions, reload the live server and wait until the candidate is AVAILABLE, then move the label
-(TF Serving refuses a label on a version that is not AVAILABLE), apply retention. Every file is
-replaced atomically; a lock file keeps two promotions from interleaving; every attempt is one
-line of ``production/audit.jsonl``.
+Gates run first and change nothing, all on one staged copy of the candidate: integrity
+(manifest, optional signature), quality (thresholds, and no regression against production's
+``stable`` with both evaluated now on the same data), compatibility (production's signatures
+still accepted), infra validation (a fresh server loads the candidate, replays its warmup,
+answers real examples over gRPC matching in-process predictions, within the latency budget) and
+approval. Only then the push: rename the staged copy to ``production/MODEL/VERSION``, write
+``models.config`` with both versions, wait until *every* serving replica has the candidate
+AVAILABLE, then move the label (TF Serving refuses a label on a version that is not AVAILABLE)
+and wait until every replica resolves it, apply retention. Every file is replaced atomically; a
+lock file keeps two promotions from interleaving; every attempt is one line of
+``production/audit.jsonl``.
 """
 
 from __future__ import annotations
@@ -420,7 +421,7 @@ def gate_compatibility(candidate: Path, stable: Path | None, allow_break: bool) 
 
 
 def gate_infra(
-    candidate: Path, model: str, data: EvalData, cfg: PromoteConfig, runtime: str
+    candidate: Path, model: str, version: int, data: EvalData, cfg: PromoteConfig, runtime: str
 ) -> Gate:
     """Load the candidate in a fresh server, replay warmup, serve real examples over gRPC."""
     from serving.client import ServingClient
@@ -429,11 +430,11 @@ def gate_infra(
         base = Path(tmp) / model
         base.mkdir()
         # A copy, not a symlink: a container sees only what is mounted.
-        shutil.copytree(candidate, base / candidate.name)
+        shutil.copytree(candidate, base / str(version))
         try:
             with FreshServer(runtime, model, base) as target:
                 client = ServingClient(target, model=model, timeout=30)
-                status = client.wait_until_available(int(candidate.name), deadline=120)
+                status = client.wait_until_available(version, deadline=120)
                 n = min(64, len(data.labels))
                 batch = {k: v[:n] for k, v in data.inputs.items()}
                 served = client.predict(batch)
@@ -707,10 +708,30 @@ def current_labels(paths: Paths) -> dict[str, int]:
     return {}
 
 
-def run_gates(paths: Paths, version: int, cfg: Config, args: argparse.Namespace) -> list[Gate]:
-    candidate = paths.source / paths.model / str(version)
-    if not candidate.is_dir():
-        raise PromotionError(f"{candidate}: no such version")
+def stage(paths: Paths, version: int) -> Path:
+    """Copy the candidate once, next to production, before any gate reads it.
+
+    Every gate checks this copy and the push renames it into place, so what reaches production
+    is byte for byte what was gated, whatever happens to the source meanwhile. Called under the
+    lock: any other staged copy was left by a killed promotion.
+    """
+    source = paths.source / paths.model / str(version)
+    if not source.is_dir():
+        raise PromotionError(f"{source}: no such version")
+    # In the production root (same filesystem as the version's final place, outside any
+    # directory a server watches); a refused promotion leaves production as it was.
+    for stale in [*paths.prod.glob(".staged-*"), *paths.model_dir.glob(".tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    staged = paths.prod / f".staged-{paths.model}-{version}-{os.getpid()}"
+    shutil.copytree(source, staged, symlinks=False)
+    A.fsync_tree(staged)
+    return staged
+
+
+def run_gates(
+    paths: Paths, candidate: Path, version: int, cfg: Config, args: argparse.Namespace
+) -> list[Gate]:
+    """Every gate, on ``candidate`` (the staged copy, see :func:`stage`)."""
     labels = current_labels(paths)
     stable = paths.model_dir / str(labels[STABLE]) if STABLE in labels else None
     if stable is not None and not stable.is_dir():
@@ -724,7 +745,7 @@ def run_gates(paths: Paths, version: int, cfg: Config, args: argparse.Namespace)
         data = load_eval_data(cfg.promote, candidate, cfg.artifacts)
         gates.append(gate_quality(candidate, stable, data, cfg.promote))
         gates.append(gate_compatibility(candidate, stable, args.allow_signature_break))
-        gates.append(gate_infra(candidate, paths.model, data, cfg.promote, args.runtime))
+        gates.append(gate_infra(candidate, paths.model, version, data, cfg.promote, args.runtime))
     record, problem = approval_record(args)
     if args.dry_run:
         gates.append(
@@ -750,24 +771,18 @@ def run_gates(paths: Paths, version: int, cfg: Config, args: argparse.Namespace)
 
 
 def push(
-    paths: Paths, version: int, label: str, pub: Publisher, cfg: PromoteConfig
+    paths: Paths, staged: Path, version: int, label: str, pub: Publisher, cfg: PromoteConfig
 ) -> dict[str, Any]:
-    """Copy, load next to the current versions, move the label, apply retention."""
-    candidate = paths.source / paths.model / str(version)
+    """Publish the gated copy, load next to the current versions, move the label, retention."""
     paths.model_dir.mkdir(parents=True, exist_ok=True)
     dest = paths.model_dir / str(version)
-    for stale in paths.model_dir.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed promotion (we hold the lock)
     if dest.exists():
-        if manifest_digest(dest) != manifest_digest(candidate):
+        if manifest_digest(dest) != manifest_digest(staged):
             raise PromotionError(
                 f"{dest}: exists with different contents; versions are never overwritten"
             )
     else:
-        tmp = paths.model_dir / f".tmp-{version}-{os.getpid()}"
-        shutil.copytree(candidate, tmp)
-        A.fsync_tree(tmp)
-        os.rename(tmp, dest)
+        os.rename(staged, dest)  # the gated bytes themselves, no second copy
         A.fsync_dir(paths.model_dir)
     pub.sync()
     fault_point("copied")
@@ -877,10 +892,11 @@ def promote(args: argparse.Namespace, cfg: Config) -> int:
         "git_commit": git_commit(),
         "dry_run": args.dry_run,
     }
+    staged: Path | None = None
     try:
-        candidate = paths.source / args.model / str(args.version)
-        record["manifest_sha256"] = manifest_digest(candidate) if candidate.exists() else None
-        gates = run_gates(paths, args.version, cfg, args)
+        staged = stage(paths, args.version)
+        record["manifest_sha256"] = manifest_digest(staged)
+        gates = run_gates(paths, staged, args.version, cfg, args)
         record["gates"] = [asdict(g) for g in gates]
         approval = next(g for g in gates if g.name == "approval")
         record["approval"] = approval.numbers.get("record")
@@ -898,7 +914,7 @@ def promote(args: argparse.Namespace, cfg: Config) -> int:
             return 0
         pub = _publisher(args, paths)
         try:
-            result = push(paths, args.version, label, pub, cfg.promote)
+            result = push(paths, staged, args.version, label, pub, cfg.promote)
         finally:
             pub.close()
         record.update(outcome="promoted", result=result)
@@ -911,6 +927,8 @@ def promote(args: argparse.Namespace, cfg: Config) -> int:
         record.update(outcome="error", error=str(e))
         raise
     finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)  # refused, dry run or failed: not published
         audit(paths.prod, record)
         fault_point("audit")
         lock.release()

@@ -453,3 +453,35 @@ def test_ci_approval_is_the_environment_reviewer(monkeypatch):
         assert record["via"] == "github-environment:production"
     finally:
         server.shutdown()
+
+
+def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch):
+    """The source's weights are swapped for another model's while the gates run (after the
+    infra gate's own copy): production still receives the copy every gate checked."""
+    import serving.promote as P
+    from pipeline.export import verify_manifest
+
+    prod, base, models = env
+    source = tmp_path / "source"
+    for v in (1, 3):
+        shutil.copytree(models / str(v), source / "shapes" / str(v))
+    argv = ["shapes", "1", "--from", str(source), *base[2:], *APPROVE]
+    weights = sorted((source / "shapes" / "1" / "variables").glob("variables.data-*"))[0]
+    gated = weights.read_bytes()
+    real_infra = P.gate_infra
+
+    def infra_then_swap(*args, **kwargs):
+        gate = real_infra(*args, **kwargs)
+        other = source / "shapes" / "3" / "variables" / weights.name
+        shutil.copy(other, weights)  # the attacker's model, in the source, after the gates
+        return gate
+
+    monkeypatch.setattr(P, "gate_infra", infra_then_swap)
+    assert main(argv) == 0
+    assert weights.read_bytes() != gated  # the swap happened
+    published = prod / "shapes" / "1"
+    assert (published / "variables" / weights.name).read_bytes() == gated
+    assert verify_manifest(published) == []
+    (record,) = audit_lines(prod)
+    assert record["manifest_sha256"] == P.manifest_digest(published)
+    assert not list(prod.glob(".staged-*"))
