@@ -455,9 +455,12 @@ def test_ci_approval_is_the_environment_reviewer(monkeypatch):
         server.shutdown()
 
 
-def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch):
-    """The source's weights are swapped for another model's while the gates run (after the
-    infra gate's own copy): production still receives the copy every gate checked."""
+@pytest.mark.parametrize(
+    "gate", ["gate_integrity", "gate_quality", "gate_compatibility", "gate_infra"]
+)
+def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch, gate):
+    """The source's weights are swapped for another model's right after one gate ran: production
+    still receives the copy every gate checked, and its manifest verifies."""
     import serving.promote as P
     from pipeline.export import verify_manifest
 
@@ -468,15 +471,15 @@ def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch):
     argv = ["shapes", "1", "--from", str(source), *base[2:], *APPROVE]
     weights = sorted((source / "shapes" / "1" / "variables").glob("variables.data-*"))[0]
     gated = weights.read_bytes()
-    real_infra = P.gate_infra
+    real = getattr(P, gate)
 
-    def infra_then_swap(*args, **kwargs):
-        gate = real_infra(*args, **kwargs)
+    def gate_then_swap(*args, **kwargs):
+        result = real(*args, **kwargs)
         other = source / "shapes" / "3" / "variables" / weights.name
-        shutil.copy(other, weights)  # the attacker's model, in the source, after the gates
-        return gate
+        shutil.copy(other, weights)  # the attacker's model, in the source
+        return result
 
-    monkeypatch.setattr(P, "gate_infra", infra_then_swap)
+    monkeypatch.setattr(P, gate, gate_then_swap)
     assert main(argv) == 0
     assert weights.read_bytes() != gated  # the swap happened
     published = prod / "shapes" / "1"
