@@ -3,7 +3,9 @@
     python -m serving.promote MODEL VERSION --from models --to production [--approve
         --approver NAME --reason TEXT] [--dry-run] [--canary] [--server SPEC]…
         [--runtime embedded|docker] [--allow-signature-break]
-    python -m serving.promote {rollback,finalize,status} MODEL --to production [--server …]
+    python -m serving.promote {rollback,finalize} MODEL --to production --approver N --reason R
+    python -m serving.promote status MODEL --to production [--server …]
+    python -m serving.promote verify-audit --to production
 
 Gates run first and change nothing, all on one staged copy of the candidate: integrity
 (manifest, optional signature), quality (thresholds, and no regression against production's
@@ -21,6 +23,7 @@ lock file keeps two promotions from interleaving; every attempt is one line of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -33,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +47,11 @@ import numpy as np
 from pipeline import artifacts as A
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config, ConfigError, PromoteConfig, load_config
+from serving import audit as trail
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "models.config"
-AUDIT_FILE = "audit.jsonl"
 STATE_FILE = "promotion.json"
 LOCK_FILE = ".promote.lock"
 STABLE, CANARY = "stable", "canary"
@@ -141,18 +146,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def audit(prod: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line; O_APPEND writes of one line do not interleave."""
-    prod.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, default=str) + "\n"
-    fd = os.open(prod / AUDIT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fault_point(step: str) -> None:
@@ -879,110 +872,172 @@ def _publisher(args: argparse.Namespace, paths: Paths) -> Publisher:
     )
 
 
-def promote(args: argparse.Namespace, cfg: Config) -> int:
-    paths = Paths(Path(args.source), Path(args.to), args.model)
-    label = CANARY if args.canary else STABLE
-    lock = _lock(paths.prod, args.wait_lock)
-    record: dict[str, Any] = {
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "action": "promote",
-        "model": args.model,
-        "version": args.version,
-        "label": label,
-        "git_commit": git_commit(),
-        "dry_run": args.dry_run,
-    }
-    staged: Path | None = None
+@contextlib.contextmanager
+def attempt(prod: Path, wait_lock: float, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One audited attempt under the production lock.
+
+    A ``started`` record goes into the trail before anything changes, the outcome record after,
+    whatever happens: refused, done, a PipelineError, any other exception (``crashed``), or the
+    lock held by someone else (``lock busy``, recorded without the lock). A kill leaves the
+    ``started`` record alone, which ``verify-audit`` reports as unfinished.
+    """
+    record = dict(record, attempt=uuid.uuid4().hex, git_commit=git_commit())
+    record["time"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
-        staged = stage(paths, args.version)
-        record["manifest_sha256"] = manifest_digest(staged)
-        gates = run_gates(paths, staged, args.version, cfg, args)
-        record["gates"] = [asdict(g) for g in gates]
-        approval = next(g for g in gates if g.name == "approval")
-        record["approval"] = approval.numbers.get("record")
-        print(f"promotion of {args.model} v{args.version} → {label}")
-        for g in gates:
-            print("  " + g.line())
-        if not all(g.passed for g in gates):
-            failed = [g.name for g in gates if not g.passed]
-            record["outcome"] = "refused"
-            print(f"REFUSED by gate(s) {', '.join(failed)}; production is untouched")
-            return 1
-        if args.dry_run:
-            record["outcome"] = "dry-run passed"
-            print("DRY RUN: every gate passed; nothing was changed")
-            return 0
-        pub = _publisher(args, paths)
-        try:
-            result = push(paths, staged, args.version, label, pub, cfg.promote)
-        finally:
-            pub.close()
-        record.update(outcome="promoted", result=result)
-        print(
-            f"PROMOTED {args.model} v{args.version} as {label} (previous: "
-            f"{result['previous']}); removed by retention: {result['removed'] or 'none'}"
-        )
-        return 0
+        lock = _lock(prod, wait_lock)
+    except LockBusy as e:
+        trail.append(prod, dict(record, event="outcome", outcome="lock busy", error=str(e)))
+        raise
+    outcome = dict(record, event="outcome")
+    try:
+        trail.append(prod, dict(record, event="started"))
+        yield outcome
     except PipelineError as e:
-        record.update(outcome="error", error=str(e))
+        outcome.update(outcome="error", error=str(e))
+        raise
+    except BaseException as e:
+        outcome.update(outcome="crashed", error=f"{type(e).__name__}: {e}"[:2000])
         raise
     finally:
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)  # refused, dry run or failed: not published
-        audit(paths.prod, record)
+        outcome["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        trail.append(prod, outcome)
         fault_point("audit")
         lock.release()
 
 
-def move_label(args: argparse.Namespace, action: str) -> int:
-    """rollback (stable → previous) and finalize (canary → stable)."""
-    paths = Paths(Path(args.to), Path(args.to), args.model)
-    lock = _lock(paths.prod, args.wait_lock)
-    record: dict[str, Any] = {
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "action": action,
+def promote(args: argparse.Namespace, cfg: Config) -> int:
+    paths = Paths(Path(args.source), Path(args.to), args.model)
+    label = CANARY if args.canary else STABLE
+    base = {
+        "action": "promote",
         "model": args.model,
-        "git_commit": git_commit(),
-        "approval": {"approver": args.approver, "reason": args.reason} if args.approver else None,
+        "version": args.version,
+        "label": label,
+        "dry_run": args.dry_run,
     }
-    pub = _publisher(args, paths)
+    staged: Path | None = None
+    with attempt(paths.prod, args.wait_lock, base) as record:
+        try:
+            staged = stage(paths, args.version)
+            record["manifest_sha256"] = manifest_digest(staged)
+            gates = run_gates(paths, staged, args.version, cfg, args)
+            record["gates"] = [asdict(g) for g in gates]
+            approval = next(g for g in gates if g.name == "approval")
+            record["approval"] = approval.numbers.get("record")
+            print(f"promotion of {args.model} v{args.version} → {label}")
+            for g in gates:
+                print("  " + g.line())
+            if not all(g.passed for g in gates):
+                failed = [g.name for g in gates if not g.passed]
+                record["outcome"] = "refused"
+                print(f"REFUSED by gate(s) {', '.join(failed)}; production is untouched")
+                return 1
+            if args.dry_run:
+                record["outcome"] = "dry-run passed"
+                print("DRY RUN: every gate passed; nothing was changed")
+                return 0
+            pub = _publisher(args, paths)
+            try:
+                result = push(paths, staged, args.version, label, pub, cfg.promote)
+            finally:
+                pub.close()
+            record.update(outcome="promoted", result=result)
+            print(
+                f"PROMOTED {args.model} v{args.version} as {label} (previous: "
+                f"{result['previous']}); removed by retention: {result['removed'] or 'none'}"
+            )
+            return 0
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)  # refused, dry run, failed: not published
+
+
+def move_label(args: argparse.Namespace, action: str) -> int:
+    """rollback (stable → previous) and finalize (canary → stable), approved like a promotion.
+
+    The move is recorded as ``pending`` in promotion.json before any label changes, so a rerun
+    after a kill at any step completes the same move (same target, same rollback target).
+    """
+    paths = Paths(Path(args.to), Path(args.to), args.model)
+    if args.emergency:
+        approval = {"emergency": True, "operator": _operator(), "reason": args.emergency}
+    elif args.approver and args.reason:
+        approval = {"approver": args.approver, "reason": args.reason, "via": "cli"}
+    else:
+        raise ConfigError(
+            f"{action} needs --approver NAME --reason TEXT (or --emergency REASON, recorded "
+            "as an emergency with the operating system user)"
+        )
+    base = {"action": action, "model": args.model, "approval": approval}
+    with attempt(paths.prod, args.wait_lock, base) as record:
+        pub = _publisher(args, paths)
+        try:
+            config = read_server_config(paths.config)
+            mc = model_entry(config, args.model, pub.base_path())
+            labels = dict(mc.version_labels)
+            state = read_state(paths.prod, args.model)
+            pending = state.get("pending") or {}
+            if pending.get("action") == action:  # a rerun after a kill: the same move
+                target, previous = pending["to"], pending["from"]
+            elif action == "rollback":
+                target, previous = state.get("previous"), labels.get(STABLE)
+                if not target or not (paths.model_dir / str(target)).is_dir():
+                    raise PromotionError(f"{args.model}: no previous version to roll back to")
+            else:
+                if CANARY not in labels:
+                    raise PromotionError(f"{args.model}: no canary label to finalize")
+                target, previous = labels[CANARY], labels.get(STABLE)
+            state["pending"] = {"action": action, "from": previous, "to": target}
+            A.write_json(paths.model_dir / STATE_FILE, state)
+            fault_point(f"{action}_pending")
+            new_labels = {k: v for k, v in labels.items() if k != CANARY or action != "finalize"}
+            new_labels[STABLE] = target
+            loaded = set(mc.model_version_policy.specific.versions) | {target}
+            loaded = {v for v in loaded if (paths.model_dir / str(v)).is_dir()}
+            # Load the target everywhere first (a rollback after retention, say).
+            set_versions(mc, loaded, labels)
+            pub.publish(config)
+            pub.wait_available(target)
+            set_versions(mc, loaded, new_labels)
+            pub.publish(config)
+            fault_point(f"{action}_labels")
+            pub.verify(new_labels)
+            state.pop("pending")
+            A.write_json(paths.model_dir / STATE_FILE, dict(state, previous=previous))
+            record.update(outcome="done", version=target, labels=new_labels)
+            print(f"{action}: {args.model} stable → v{target} (labels {new_labels})")
+            return 0
+        finally:
+            pub.close()
+
+
+def _operator() -> str:
+    import getpass
+
     try:
-        config = read_server_config(paths.config)
-        mc = model_entry(config, args.model, pub.base_path())
-        labels = dict(mc.version_labels)
-        state = read_state(paths.prod, args.model)
-        if action == "rollback":
-            target = state.get("previous")
-            if not target or not (paths.model_dir / str(target)).is_dir():
-                raise PromotionError(f"{args.model}: no previous version to roll back to")
-            new_labels = dict(labels, stable=target)
-            new_state = dict(state, previous=labels.get(STABLE))
-        else:
-            if CANARY not in labels:
-                raise PromotionError(f"{args.model}: no canary label to finalize")
-            target = labels[CANARY]
-            new_labels = {k: v for k, v in labels.items() if k != CANARY} | {STABLE: target}
-            new_state = dict(state, previous=labels.get(STABLE))
-        loaded = set(mc.model_version_policy.specific.versions) | {target}
-        loaded = {v for v in loaded if (paths.model_dir / str(v)).is_dir()}
-        # Load the target first if it is not loaded (a rollback after retention, say).
-        set_versions(mc, loaded, labels)
-        pub.publish(config)
-        pub.wait_available(target)
-        A.write_json(paths.model_dir / STATE_FILE, new_state)
-        set_versions(mc, loaded, new_labels)
-        pub.publish(config)
-        pub.verify(new_labels)
-        record.update(outcome="done", version=target, labels=new_labels)
-        print(f"{action}: {args.model} stable → v{target} (labels {new_labels})")
-        return 0
-    except PipelineError as e:
-        record.update(outcome="error", error=str(e))
-        raise
-    finally:
-        pub.close()
-        audit(paths.prod, record)
-        lock.release()
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def _approved_by(approval: dict[str, Any] | None) -> str:
+    if not approval:
+        return ""
+    if approval.get("emergency"):
+        return f" EMERGENCY by {approval.get('operator')} ({approval.get('reason')})"
+    return f" by {approval.get('approver')}"
+
+
+def verify_audit(args: argparse.Namespace) -> int:
+    problems, unfinished = trail.verify(Path(args.to))
+    for line in problems:
+        print(f"TAMPERED {line}")
+    for line in unfinished:
+        print(f"unfinished {line}")
+    records = len(trail.read(Path(args.to))) if (Path(args.to) / trail.AUDIT_FILE).exists() else 0
+    print(f"{Path(args.to) / trail.AUDIT_FILE}: {records} records, chain "
+          + ("BROKEN" if problems else "intact"))  # fmt: skip
+    return 1 if problems else 0
 
 
 def status(args: argparse.Namespace) -> int:
@@ -1010,13 +1065,12 @@ def status(args: argparse.Namespace) -> int:
                 )
     finally:
         pub.close()
-    audit_path = paths.prod / AUDIT_FILE
-    if audit_path.exists():
-        lines = [json.loads(line) for line in audit_path.read_text().splitlines() if line]
+    if (paths.prod / trail.AUDIT_FILE).exists():
+        lines = [r for r in trail.read(paths.prod) if r.get("event") != "started"]
         for rec in [r for r in lines if r.get("model") == args.model][-5:]:
             print(
                 f"  {rec['time']} {rec['action']} v{rec.get('version')} → {rec.get('outcome')}"
-                + (f" by {rec['approval']['approver']}" if rec.get("approval") else "")
+                + _approved_by(rec.get("approval"))
             )
     return 0
 
@@ -1027,10 +1081,14 @@ COMMANDS = {
     "rollback": "Move 'stable' back to the previous promoted version (loaded first if needed).",
     "finalize": "Make the 'canary' version 'stable' and drop the canary label.",
     "status": "Versions, labels, the rollback target and the last promotions of a model.",
+    "verify-audit": "Check audit.jsonl's hash chain (edits, deletions, reorders) and list "
+    "attempts that started with no outcome. Exit 1 when the chain is broken.",
 }
 EPILOG = """\
 commands: python -m serving.promote MODEL VERSION … (promote),
-          python -m serving.promote {rollback,finalize,status} MODEL --to DIR [--server H:P]
+          python -m serving.promote {rollback,finalize} MODEL --to DIR --approver NAME --reason TEXT
+          python -m serving.promote status MODEL --to DIR [--server SPEC]
+          python -m serving.promote verify-audit --to DIR
 exit codes: 0 done, 1 refused by a gate or failed (production untouched), 2 invalid arguments or
 configuration, 3 another promotion holds the lock."""
 
@@ -1042,7 +1100,17 @@ def _parser(command: str) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if command == "verify-audit":
+        p.add_argument("--to", default="production", help="production directory")
+        return p
     p.add_argument("model")
+    if command in ("rollback", "finalize"):
+        p.add_argument(
+            "--emergency",
+            default="",
+            metavar="REASON",
+            help="move without an approver; recorded as an emergency with the OS user",
+        )
     if command == "promote":
         p.add_argument("version", type=int)
         p.add_argument("--from", dest="source", default="models", help="model repository")
@@ -1134,7 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    command = argv[0] if argv and argv[0] in ("rollback", "finalize", "status") else "promote"
+    command = argv[0] if argv and argv[0] in COMMANDS else "promote"
     args = _parser(command).parse_args(argv[1:] if command != "promote" else argv)
     try:
         if command == "promote":
@@ -1142,6 +1210,8 @@ def main(argv: list[str] | None = None) -> int:
             return promote(args, cfg)
         if command == "status":
             return status(args)
+        if command == "verify-audit":
+            return verify_audit(args)
         return move_label(args, command)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -93,7 +93,9 @@ def labels(prod: Path) -> dict[str, int]:
 
 
 def audit_lines(prod: Path) -> list[dict]:
-    return [json.loads(line) for line in (prod / "audit.jsonl").read_text().splitlines()]
+    """The outcome record of every attempt (each also has a "started" record before it)."""
+    lines = [json.loads(line) for line in (prod / "audit.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["event"] == "outcome"]
 
 
 def test_first_promotion_and_audit(env, capsys):
@@ -229,10 +231,13 @@ def test_canary_finalize_rollback_and_retention(env, capsys):
     assert main(["shapes", "1", *keep1, *APPROVE]) == 0
     assert main(["shapes", "2", *keep1, *APPROVE, "--canary"]) == 0
     assert labels(prod) == {"stable": 1, "canary": 2}
-    assert main(["finalize", "shapes", "--to", str(prod)]) == 0
+    assert main(["finalize", "shapes", "--to", str(prod)]) == 2  # needs an approval
+    assert main(["finalize", "shapes", "--to", str(prod), *APPROVE[1:]]) == 0
     assert labels(prod) == {"stable": 2}
-    assert main(["rollback", "shapes", "--to", str(prod)]) == 0
+    assert main(["rollback", "shapes", "--to", str(prod), "--emergency", "pager 1234"]) == 0
     assert labels(prod) == {"stable": 1}
+    emergency = audit_lines(prod)[-1]["approval"]
+    assert emergency["emergency"] is True and emergency["reason"] == "pager 1234"
     state = json.loads((prod / "shapes" / "promotion.json").read_text())
     assert state["previous"] == 2
     # Retention keeps labelled versions and the rollback target; nothing else is kept here.
@@ -250,7 +255,7 @@ def test_rollback_works_when_the_newest_files_are_damaged(env):
     assert main(["shapes", "1", *base, *APPROVE]) == 0
     assert main(["shapes", "2", *base, *APPROVE]) == 0
     (prod / "shapes" / "2" / "saved_model.pb").write_bytes(b"damaged")
-    assert main(["rollback", "shapes", "--to", str(prod)]) == 0
+    assert main(["rollback", "shapes", "--to", str(prod), *APPROVE[1:]]) == 0
     assert labels(prod) == {"stable": 1}
 
 
@@ -266,6 +271,7 @@ def test_lock_makes_a_second_promotion_fail_clearly(env, capsys):
         assert "another promotion is running" in capsys.readouterr().err
     finally:
         held.release()
+    assert audit_lines(prod)[-1]["outcome"] == "lock busy"  # a refused attempt is recorded
     assert main(["shapes", "1", *base, *APPROVE]) == 0
 
 
@@ -488,3 +494,59 @@ def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch, gat
     (record,) = audit_lines(prod)
     assert record["manifest_sha256"] == P.manifest_digest(published)
     assert not list(prod.glob(".staged-*"))
+
+
+def test_audit_trail_records_every_attempt_and_detects_tampering(env, monkeypatch, capsys):
+    import serving.promote as P
+
+    prod, base, _ = env
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("checksum mismatch in variables")  # not a PipelineError
+
+    monkeypatch.setattr(P, "gate_quality", broken)
+    with pytest.raises(RuntimeError):
+        main(["shapes", "2", *base, *APPROVE])
+    crashed = audit_lines(prod)[-1]
+    assert crashed["outcome"] == "crashed" and "checksum mismatch" in crashed["error"]
+    assert main(["verify-audit", "--to", str(prod)]) == 0
+    assert "4 records, chain intact" in capsys.readouterr().out
+
+    path = prod / "audit.jsonl"
+    original = path.read_text().splitlines(keepends=True)
+    tampered = {
+        "edited": [original[0], original[1].replace('"alice"', '"mallory"'), *original[2:]],
+        "deleted": [original[0], *original[2:]],
+        "reordered": [original[1], original[0], *original[2:]],
+        "truncated": original[:-1],
+    }
+    for name, lines in tampered.items():
+        path.write_text("".join(lines))
+        assert main(["verify-audit", "--to", str(prod)]) == 1, name
+        assert "TAMPERED" in capsys.readouterr().out
+    path.write_text("".join(original))
+    assert main(["verify-audit", "--to", str(prod)]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["rollback_pending", "rollback_labels", "audit"])
+def test_rollback_killed_at_any_step_completes_on_rerun(env, step, capsys):
+    prod, base, _ = env
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+    assert main(["shapes", "2", *base, *APPROVE]) == 0
+    argv = [sys.executable, "-m", "serving.promote", "rollback", "shapes", "--to", str(prod)]
+    argv += APPROVE[1:]
+    killed = subprocess.run(
+        argv, env=dict(os.environ, PROMOTE_KILL_AT=step), capture_output=True, timeout=300
+    )
+    assert killed.returncode == -9
+    assert labels(prod)["stable"] in (1, 2)
+    assert main(["verify-audit", "--to", str(prod)]) == 0
+    if step != "audit":  # killed mid-move: started, no outcome; a rerun completes the move
+        assert "unfinished" in capsys.readouterr().out
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert labels(prod) == {"stable": 1}
+    state = json.loads((prod / "shapes" / "promotion.json").read_text())
+    assert state["previous"] == 2 and "pending" not in state
