@@ -16,8 +16,8 @@ approval. Only then the push: rename the staged copy to ``production/MODEL/VERSI
 ``models.config`` with both versions, wait until *every* serving replica has the candidate
 AVAILABLE, then move the label (TF Serving refuses a label on a version that is not AVAILABLE)
 and wait until every replica resolves it, apply retention. Every file is replaced atomically; a
-lock file keeps two promotions from interleaving; every attempt is one line of
-``production/audit.jsonl``.
+lock file keeps two promotions from interleaving; every attempt is recorded, before and after,
+in the hash-chained ``production/audit.jsonl`` (serving/audit.py).
 """
 
 from __future__ import annotations
