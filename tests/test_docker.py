@@ -95,17 +95,23 @@ def _container(base: Path, entrypoint: Path, **kwargs) -> TFServingContainer:
     )
 
 
-def _ours(client) -> set[str]:
+def _ours(client, tmp_path: Path) -> set[str]:
+    """Containers of the launcher that mount something under this test's ``tmp_path`` (another
+    test run may share the Docker engine)."""
     return {
-        c.id for c in client.containers.list(all=True, filters={"label": "tfserving-pipeline=1"})
+        c.id
+        for c in client.containers.list(all=True, filters={"label": "tfserving-pipeline=1"})
+        if any(
+            str(m.get("Source", "")).startswith(str(tmp_path)) for m in c.attrs.get("Mounts", [])
+        )
     }
 
 
 @pytest.fixture
-def no_leftovers(engine):
+def no_leftovers(engine, tmp_path):
     """Asserts that the test removed every container it started (others may run meanwhile)."""
-    before = _ours(engine)
-    yield lambda: _ours(engine) - before
+    before = _ours(engine, tmp_path)
+    yield lambda: _ours(engine, tmp_path) - before
 
 
 def test_start_predict_and_cleanup(engine, entrypoint, tmp_path, library, no_leftovers):
