@@ -29,6 +29,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.results import median, write_section  # noqa: E402
+from serving.promote import free_port  # noqa: E402
 
 N_LATENCY = 400
 CONCURRENCY = 32
@@ -48,14 +49,6 @@ server.start()
 print("ready", flush=True)
 server.wait_for_termination()
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

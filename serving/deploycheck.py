@@ -114,14 +114,17 @@ def _check_server(container: dict[str, Any], pod: dict[str, Any], configmaps: di
             problems.append(f"--{flag}={value}: {bad}; the server would exit at start")
         flags[flag] = value
 
-    if not _true(flags.get("allow_version_labels_for_unavailable_models", "false")):
+    if flags.get("allow_version_labels_for_unavailable_models", "false").lower() not in (
+        "true",
+        "1",
+    ):
         problems.append(
             "--allow_version_labels_for_unavailable_models=true is missing: after a promotion "
             "models.config carries labels, and a new pod would exit FAILED_PRECONDITION"
         )
     mounts = {m["mountPath"].rstrip("/"): m for m in container.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    texts: dict[str, str] = {}
+    protos: dict[str, Any] = {}
     for flag, message in CONFIG_FLAGS.items():
         path = flags.get(flag)
         if not path:
@@ -130,20 +133,16 @@ def _check_server(container: dict[str, Any], pod: dict[str, Any], configmaps: di
         if problem:
             problems.append(f"--{flag}={path}: {problem}")
             continue
-        parse_problem = _parse(text, message, path)
+        proto, parse_problem = _parse(text, message, path)
         if parse_problem:
             problems.append(f"--{flag}={path}: {parse_problem}")
         else:
-            texts[flag] = text
+            protos[flag] = proto
     if "model_config_file" not in flags:
         problems.append("--model_config_file is missing: promotions publish models.config")
-    elif "model_config_file" in texts:
-        problems += _check_models(texts["model_config_file"], container, mounts)
+    elif "model_config_file" in protos:
+        problems += _check_models(protos["model_config_file"], container, mounts)
     return problems
-
-
-def _true(value: str) -> bool:
-    return value.strip().lower() in ("true", "1")
 
 
 def _mounted_file(
@@ -164,33 +163,24 @@ def _mounted_file(
     return str(data[key]), ""
 
 
-def _parse(text: str, message: str, path: str) -> str:
-    from google.protobuf import text_format
+def _parse(text: str, message: str, path: str) -> tuple[Any, str]:
+    """(proto, problem): the file as the server reads it (serving.server.options)."""
     from tensorflow_serving.config import model_server_config_pb2
 
-    from serving.server.options import MESSAGES, OptionsError, check_model_config
+    from serving.server.options import MESSAGES, OptionsError, check_model_config, parse_text_proto
 
-    proto = (
-        model_server_config_pb2.ModelServerConfig()
-        if message == "ModelServerConfig"
-        else MESSAGES[message]()
-    )
+    is_models = message == "ModelServerConfig"
+    proto = model_server_config_pb2.ModelServerConfig() if is_models else MESSAGES[message]()
     try:
-        text_format.Parse(text, proto)
-        if message == "ModelServerConfig":
+        parse_text_proto(text, proto, path)
+        if is_models:
             check_model_config(proto)
-    except text_format.ParseError as e:
-        return f"INVALID_ARGUMENT: Invalid protobuf file: '{path}' ({e})"
     except OptionsError as e:
-        return str(e)
-    return ""
+        return None, str(e).replace("\n", "; ")
+    return proto, ""
 
 
-def _check_models(text: str, container: dict[str, Any], mounts: dict[str, Any]) -> list[str]:
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+def _check_models(config: Any, container: dict[str, Any], mounts: dict[str, Any]) -> list[str]:
     problems = []
     served = set()
     for mc in config.model_config_list.config:

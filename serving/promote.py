@@ -497,8 +497,8 @@ class FreshServer:
             container = TFServingContainer(
                 model_name=self.model,
                 model_base_path=self.base,
-                port=_free_port(),
-                rest_api_port=_free_port(),
+                port=free_port(),
+                rest_api_port=free_port(),
             )
             target = container.start()
             self._stop = container.stop
@@ -510,7 +510,7 @@ class FreshServer:
             options_from_args(
                 [
                     "--port",
-                    str(_free_port()),
+                    str(free_port()),
                     "--rest_api_port",
                     "0",
                     "--model_name",
@@ -529,7 +529,8 @@ class FreshServer:
             self._stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (for servers this process starts)."""
     import socket
 
     with socket.socket() as s:

@@ -28,7 +28,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.promote import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MOUNTS = ("/config", "/models")
 # Deployment flags whose production values are scaled down for a rehearsal that takes minutes.
@@ -49,12 +50,6 @@ COMPRESSED = {"model_config_file_poll_wait_seconds": "1", "file_system_poll_wait
 
 class RehearsalError(Exception):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the rendered production Deployment --------------------------------------------------------
@@ -156,7 +151,7 @@ class Cluster:
             (config_dir / fname).write_text(map_paths(text, mounts))
         if self.published.exists():
             self._deliver_text(config_dir, self.published.read_text())
-        port, rest = _free_port(), _free_port()
+        port, rest = free_port(), free_port()
         args = replica_args(self.rendered, mounts, port, rest)
         log_path = self.work / name / "server.log"
         proc = subprocess.Popen(

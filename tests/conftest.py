@@ -13,6 +13,7 @@ import pytest
 from hypothesis import settings
 
 from pipeline.config import Config, load_config
+from serving.promote import free_port
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -100,14 +101,6 @@ def binary_csv(tmp_path: Path) -> Path:
 
 
 # --- servers ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

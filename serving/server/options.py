@@ -155,6 +155,11 @@ def parse_text(path: str, message: Any, flag: str) -> Any:
         text = Path(path).read_text()
     except OSError as e:
         raise OptionsError(f"{flag}: NOT_FOUND: {path}; {e.strerror}") from e
+    return parse_text_proto(text, message, path)
+
+
+def parse_text_proto(text: str, message: Any, path: str) -> Any:
+    """``text`` (the contents of ``path``) into ``message``, with TF Serving's error."""
     try:
         return text_format.Parse(text, message)
     except text_format.ParseError as e:
