@@ -9,6 +9,7 @@ TensorFlow's rule that a typed list shorter than the shape is padded with its la
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -155,13 +156,22 @@ def to_tensor_proto(
     return proto
 
 
-def to_numpy(proto: Any) -> np.ndarray:
-    """Decode a TensorProto into a numpy array (strings as an ``object`` array of bytes)."""
+def to_numpy(proto: Any, max_elements: int | None = None) -> np.ndarray:
+    """Decode a TensorProto into a numpy array (strings as an ``object`` array of bytes).
+
+    ``max_elements`` refuses, before anything is allocated, a shape that declares more
+    elements (a few bytes of proto can declare gigabytes: one value fills the whole shape).
+    """
     code = proto.dtype
     shape = tuple(d.size for d in proto.tensor_shape.dim)
     if any(d < 0 for d in shape):
         raise CodecError(f"tensor shape {list(shape)} has an unknown dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # exact: np.prod would wrap around past 2^63
+    if max_elements is not None and count > max_elements:
+        raise CodecError(
+            f"tensor shape {list(shape)} declares {count} elements, more than the "
+            f"{max_elements} a request may (--max_request_elements)"
+        )
     if code == DT_STRING:
         values = list(proto.string_val)
         out = np.empty(len(values), dtype=object)

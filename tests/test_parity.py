@@ -331,7 +331,8 @@ def test_rest_bodies_malformed_lengths_and_chunked(serve, two_versions_rest):
     conn.endheaders()
     conn.send(body)
     reply = conn.getresponse()
-    assert reply.status == 400 and "Content-Length" in json.loads(reply.read())["error"]
+    # Broken HTTP framing never reaches the API: a 400 that names the header, then close.
+    assert reply.status == 400 and b"Content-Length" in reply.read()
     conn.close()
     conn = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
     conn.request(

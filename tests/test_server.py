@@ -3,6 +3,7 @@ HTTP/JSON over real loopback sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
@@ -598,29 +599,32 @@ def test_batcher_rejects_when_the_queue_is_full():
             release.wait(5)
             return {"y": inputs["x"]}
 
+    # One batch running and one waiting (max_enqueued_batches 1): the third must be refused.
     batcher = Batcher(
         Batching(
             max_batch_size=1, batch_timeout_micros=0, max_enqueued_batches=1, num_batch_threads=1
         )
     )
     slow = Slow()
-    outcomes = []
 
-    def call():
+    async def call():
         try:
-            batcher.submit(slow, "s", {"x": np.zeros((1, 1))}, ())  # type: ignore[arg-type]
-            outcomes.append("ok")
+            await batcher.submit(slow, "s", {"x": np.zeros((1, 1))}, ())  # type: ignore[arg-type]
+            return "ok"
         except ServingError as e:
-            outcomes.append(e.code)
+            return e.code
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for t in threads:
-        t.start()
-        time.sleep(0.05)
-    release.set()
-    for t in threads:
-        t.join()
+    async def main():
+        tasks = []
+        for _ in range(4):
+            tasks.append(asyncio.ensure_future(call()))
+            await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    outcomes = asyncio.run(main())
     batcher.stop()
+    assert outcomes[:2] == ["ok", "ok"], outcomes
     assert grpc.StatusCode.UNAVAILABLE in outcomes and "ok" in outcomes
 
 

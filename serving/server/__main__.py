@@ -43,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as e:
         print(f"Failed to start server. Error: {e}", file=sys.stderr)
         return EXIT_START_FAILED
-    # Containers stop us with SIGTERM: finish in-flight requests, then exit.
+    # Containers stop us with SIGTERM: stop accepting, let in-flight requests finish for up to
+    # --drain_grace_seconds, then exit.
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     with contextlib.suppress(KeyboardInterrupt):
         server.wait()
+    logging.getLogger("serving.server").info(
+        "stopping: draining for up to %gs", options.drain_grace_seconds
+    )
     server.stop()
     return 0
 

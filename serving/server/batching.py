@@ -1,18 +1,21 @@
-"""Server-side batching: concurrent Predict calls on one model version, signature and output
-filter are concatenated into one model call, then the outputs are split back per request.
+"""Server-side batching on the server's event loop: concurrent Predict calls on one model version,
+signature and output filter are concatenated into one model call, then the outputs are split
+back per request.
 
 A batch closes when it reaches ``max_batch_size`` rows or when its oldest request has waited
-``batch_timeout_micros``; ``num_batch_threads`` threads run closed batches; a batch is padded up
-to the next ``allowed_batch_sizes`` entry by repeating its first row; at most
-``max_enqueued_batches`` batches wait per queue, beyond that a request fails with UNAVAILABLE
-(as TF Serving's shared batch scheduler does).
+``batch_timeout_micros``; closed batches run on ``num_batch_threads`` threads (the model runs off
+the loop, TensorFlow releases the GIL); a batch is padded up to the next ``allowed_batch_sizes``
+entry by repeating its first row; at most ``max_enqueued_batches`` batches wait per queue beyond
+those running, and a request that would need another fails with UNAVAILABLE (as TF Serving's
+shared batch scheduler does).
+
+Everything but the model call runs on the loop thread, so the queues need no locks.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,60 +28,51 @@ from serving.server.servable import Servable
 
 
 @dataclass
-class _Task:
-    inputs: dict[str, np.ndarray]
-    rows: int
-    done: threading.Event = field(default_factory=threading.Event)
-    result: dict[str, np.ndarray] | None = None
-    error: BaseException | None = None
-
-
-@dataclass
 class _Batch:
     servable: Servable
     signature: str
     output_filter: tuple[str, ...]
-    opened: float
-    tasks: list[_Task] = field(default_factory=list)
+    inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    waiters: list[asyncio.Future[dict[str, np.ndarray]]] = field(default_factory=list)
     rows: int = 0
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
 class _Queue:
     open: _Batch | None = None
-    closed: deque[_Batch] = field(default_factory=deque)
+    in_flight: int = 0  # closed batches waiting for a thread or running
 
 
 class Batcher:
     def __init__(self, params: Batching):
         self.params = params
         self._queues: dict[Any, _Queue] = {}
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
-            for i in range(max(1, params.num_batch_threads))
-        ]
-        for t in self._threads:
-            t.start()
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, params.num_batch_threads), thread_name_prefix="batch"
+        )
+        # Closed batches per queue: those running plus max_enqueued_batches waiting.
+        self._limit = max(1, params.num_batch_threads) + max(0, params.max_enqueued_batches)
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def submit(
+    async def submit(
         self,
         servable: Servable,
         signature: str,
         inputs: dict[str, np.ndarray],
         output_filter: tuple[str, ...],
     ) -> dict[str, np.ndarray]:
-        """Run ``inputs`` as part of a batch; block until its share of the outputs is ready."""
+        """Run ``inputs`` as part of a batch; return its share of the outputs."""
+        loop = asyncio.get_running_loop()
         rows = {v.shape[0] for v in inputs.values() if v.ndim}
-        if len(rows) != 1:
+        if len(rows) != 1 or any(not v.ndim for v in inputs.values()):
             # Scalars or ragged batch sizes cannot be concatenated: run on their own.
-            return servable.run_checked(signature, inputs, output_filter)
+            return await loop.run_in_executor(
+                self._pool, servable.run_checked, signature, inputs, output_filter
+            )
         n = rows.pop()
         if n > self.params.max_batch_size:
             raise invalid(
@@ -91,85 +85,78 @@ class Batcher:
             output_filter,
             tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items())),
         )
-        task = _Task(inputs, n)
-        with self._cond:
-            queue = self._queues.setdefault(key, _Queue())
-            if queue.open is not None and queue.open.rows + n > self.params.max_batch_size:
-                self._close(queue)
-            if queue.open is None:
-                if len(queue.closed) >= self.params.max_enqueued_batches:
-                    raise ServingError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "The batch scheduling queue to which this task was submitted is full",
-                    )
-                queue.open = _Batch(servable, signature, output_filter, time.monotonic())
-            queue.open.tasks.append(task)
-            queue.open.rows += n
-            if queue.open.rows >= self.params.max_batch_size:
-                self._close(queue)
-            self._cond.notify()
-        task.done.wait()
-        if task.error is not None:
-            raise task.error
-        assert task.result is not None
-        return task.result
-
-    def _close(self, queue: _Queue) -> None:
-        assert queue.open is not None
-        queue.closed.append(queue.open)
-        queue.open = None
-
-    def _next_batch(self) -> _Batch | None:
-        timeout = self.params.batch_timeout_micros / 1e6
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                wait = None
-                for queue in self._queues.values():
-                    if queue.closed:
-                        return queue.closed.popleft()
-                    if queue.open is not None:
-                        due = queue.open.opened + timeout
-                        if due <= now:
-                            batch = queue.open
-                            queue.open = None
-                            return batch
-                        wait = due - now if wait is None else min(wait, due - now)
-                self._cond.wait(wait)
-        return None
-
-    def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._run(batch)
-
-    def _run(self, batch: _Batch) -> None:
-        try:
-            inputs = {
-                k: np.concatenate([t.inputs[k] for t in batch.tasks]) for k in batch.tasks[0].inputs
-            }
-            target = next(
-                (s for s in self.params.allowed_batch_sizes if s >= batch.rows), batch.rows
+        queue = self._queues.setdefault(key, _Queue())
+        if queue.open is not None and queue.open.rows + n > self.params.max_batch_size:
+            self._close(key, queue)
+        if queue.open is None:
+            if queue.in_flight >= self._limit:
+                raise ServingError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "The batch scheduling queue to which this task was submitted is full",
+                )
+            batch = queue.open = _Batch(servable, signature, output_filter)
+            batch.timer = loop.call_later(
+                self.params.batch_timeout_micros / 1e6, self._timeout, key, batch
             )
-            if target > batch.rows:
-                inputs = {
-                    k: np.concatenate([v, np.repeat(v[:1], target - batch.rows, axis=0)])
-                    for k, v in inputs.items()
-                }
-            outputs = batch.servable.run_checked(batch.signature, inputs, batch.output_filter)
-            start = 0
-            for task in batch.tasks:
-                end = start + task.rows
-                task.result = {
+        batch = queue.open
+        waiter: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        batch.inputs.append(inputs)
+        batch.sizes.append(n)
+        batch.waiters.append(waiter)
+        batch.rows += n
+        if batch.rows >= self.params.max_batch_size:
+            self._close(key, queue)
+        return await waiter
+
+    def _timeout(self, key: Any, batch: _Batch) -> None:
+        queue = self._queues.get(key)
+        if queue is not None and queue.open is batch:
+            self._close(key, queue)
+
+    def _close(self, key: Any, queue: _Queue) -> None:
+        batch = queue.open
+        assert batch is not None
+        queue.open = None
+        if batch.timer is not None:
+            batch.timer.cancel()
+        queue.in_flight += 1
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, batch)
+        future.add_done_callback(lambda f: self._finish(key, queue, batch, f))
+
+    def _finish(self, key: Any, queue: _Queue, batch: _Batch, done: asyncio.Future[Any]) -> None:
+        queue.in_flight -= 1
+        if queue.open is None and not queue.in_flight:
+            self._queues.pop(key, None)
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        results = done.result() if error is None else [None] * len(batch.waiters)
+        for waiter, result in zip(batch.waiters, results):
+            if waiter.done():
+                continue  # the caller went away (cancelled RPC)
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(result)
+
+    def _run(self, batch: _Batch) -> list[dict[str, np.ndarray]]:
+        """On a batch thread: concatenate, pad, run once, split."""
+        first = batch.inputs[0]
+        inputs = {k: np.concatenate([task[k] for task in batch.inputs]) for k in first}
+        target = next((s for s in self.params.allowed_batch_sizes if s >= batch.rows), batch.rows)
+        if target > batch.rows:
+            inputs = {
+                k: np.concatenate([v, np.repeat(v[:1], target - batch.rows, axis=0)])
+                for k, v in inputs.items()
+            }
+        outputs = batch.servable.run_checked(batch.signature, inputs, batch.output_filter)
+        results = []
+        start = 0
+        for size in batch.sizes:
+            end = start + size
+            results.append(
+                {
                     k: (v[start:end] if v.ndim and v.shape[0] == target else v)
                     for k, v in outputs.items()
                 }
-                start = end
-        except BaseException as e:  # noqa: BLE001 - every waiting request gets the error
-            for task in batch.tasks:
-                task.error = e
-        finally:
-            for task in batch.tasks:
-                task.done.set()
+            )
+            start = end
+        return results

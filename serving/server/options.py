@@ -124,6 +124,11 @@ class TLS:
     client_verify: bool
 
 
+# (ours) Elements one request tensor may declare: 2^26 (256 MiB of float32), checked before
+# anything is allocated, so a 30-byte request cannot ask for gigabytes.
+DEFAULT_MAX_ELEMENTS = 1 << 26
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"
@@ -143,6 +148,8 @@ class ServerOptions:
     tls: TLS | None = None
     grpc_max_threads: int = 16
     max_request_size_bytes: int = 256 << 20
+    max_request_elements: int = DEFAULT_MAX_ELEMENTS
+    drain_grace_seconds: float = 20.0
     allow_version_labels_for_unavailable_models: bool = False
     enable_grpc_healthcheck_service: bool = False
     tensor_content: bool = False  # Predict outputs as tensor_content (default: typed fields)
@@ -278,7 +285,7 @@ TF_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 TF_FLAG_NAMES = frozenset(name for name, *_ in TF_FLAGS)
 # Ours alone (the real binary has no such flags): where to bind, and a request size cap. The
 # two poll intervals also take fractions of a second here (whole seconds in the real binary).
-EXTRA_FLAGS = ("host", "max_request_size_bytes")
+EXTRA_FLAGS = ("host", "max_request_size_bytes", "max_request_elements", "drain_grace_seconds")
 _INT_RANGE = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 
 
@@ -337,6 +344,25 @@ def parser() -> argparse.ArgumentParser:
         type=_int("int32"),
         default=256 << 20,
         help="(ours) largest accepted gRPC message or REST body (default 256 MiB)",
+    )
+    p.add_argument(
+        "--max_request_elements",
+        type=_int("int64"),
+        default=DEFAULT_MAX_ELEMENTS,
+        help=(
+            "(ours) most elements one request tensor may declare, checked before allocating "
+            f"(default {DEFAULT_MAX_ELEMENTS}); more is INVALID_ARGUMENT"
+        ),
+    )
+    p.add_argument(
+        "--drain_grace_seconds",
+        type=float,
+        default=20.0,
+        help=(
+            "(ours) on SIGTERM: stop accepting, let in-flight gRPC and REST requests finish for "
+            "up to this long, then exit (default 20; keep it below the pod's "
+            "terminationGracePeriodSeconds minus its preStop sleep)"
+        ),
     )
     fractional = {"file_system_poll_wait_seconds", "model_config_file_poll_wait_seconds"}
     for name, kind, default, effect in TF_FLAGS:
@@ -424,6 +450,10 @@ def options_from_args(argv: list[str] | None = None) -> ServerOptions:
         raise OptionsError("--rest_api_num_threads: must be >= 1")
     if args.max_request_size_bytes < 1024:
         raise OptionsError("--max_request_size_bytes: must be >= 1024")
+    if args.max_request_elements < 1:
+        raise OptionsError("--max_request_elements: must be >= 1")
+    if not args.drain_grace_seconds >= 0:
+        raise OptionsError("--drain_grace_seconds: must be >= 0")
     if args.model_config_file:
         config = read_model_config(args.model_config_file)
     else:
@@ -471,6 +501,8 @@ def options_from_args(argv: list[str] | None = None) -> ServerOptions:
         tls=tls,
         grpc_max_threads=args.grpc_max_threads,
         max_request_size_bytes=args.max_request_size_bytes,
+        max_request_elements=args.max_request_elements,
+        drain_grace_seconds=args.drain_grace_seconds,
         allow_version_labels_for_unavailable_models=(
             args.allow_version_labels_for_unavailable_models
         ),

@@ -1,4 +1,4 @@
-"""TF Serving's REST API (``/v1/models/...``) and the Prometheus endpoint, over http.server.
+"""TF Serving's REST API (``/v1/models/...``) and the Prometheus endpoint, on aiohttp.
 
 JSON tensors follow TF Serving's json_tensor rules: row format (``instances``) or columnar
 (``inputs``), binary strings as ``{"b64": ...}``, outputs whose name ends in ``_bytes`` returned
@@ -7,24 +7,28 @@ base64-encoded; errors are ``{"error": "..."}`` with TF Serving's HTTP status fo
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import ctypes
+import ctypes.util
 import json
 import logging
 import re
-import threading
+import socket
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import tensorflow as tf
+from aiohttp import web
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
 from serving import codec
-from serving.server.errors import ServingError, invalid
+from serving.server.errors import ServingError, failed_precondition, invalid, not_found
 from serving.server.service import (
     CLASSIFY_METHOD,
     REGRESS_METHOD,
@@ -36,6 +40,25 @@ from serving.server.service import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_QUIET = logging.getLogger(__name__ + ".protocol")
+_QUIET.setLevel(logging.CRITICAL)
+_QUIET.propagate = False
+
+# Bodies above this are parsed and answered on the REST pool, not on the event loop.
+INLINE_BYTES = 64 << 10
+INLINE_ELEMENTS = 16 << 10
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, GET",
+    "Access-Control-Allow-Headers": "Content-Type",
+}
+# http_server.cc registers its handler for these paths only (kHTTPRestApiHandlerPathRegex).
+V1_PATH = re.compile(r"/v1/.*", re.I | re.S)
+_libc_name = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_libc_name) if _libc_name else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # pragma: no cover - not glibc
+    _LIBC = None
 
 # The two path patterns of TF Serving's http_rest_api_util.cc (case-insensitive).
 PREDICTION_PATH = re.compile(
@@ -51,6 +74,8 @@ STATUS_PATH = re.compile(
 def model_spec(name: str, version: str | None, label: str | None) -> Any:
     spec = model_pb2.ModelSpec(name=urllib.parse.unquote(name))
     if version:
+        if int(version) >= 2**63:  # http_rest_api_util.cc: SimpleAtoi into an int64
+            raise invalid(f"Failed to convert version: {version} to numeric.")
         spec.version.value = int(version)
     if label:
         spec.version_label = urllib.parse.unquote(label)
@@ -225,190 +250,141 @@ def _feature(value: Any, where: str) -> Any:
     raise invalid(f"{where}: a feature's values must all be numbers or all strings")
 
 
-class _PooledHTTPServer(HTTPServer):
-    """Connections served by a fixed pool (``--rest_api_num_threads``), not a thread each."""
-
-    def __init__(self, address: tuple[str, int], handler: Any, num_threads: int):
-        super().__init__(address, handler)
-        self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="rest")
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self.pool.submit(self._serve, request, client_address)
-
-    def _serve(self, request: Any, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:  # noqa: BLE001 - one broken connection never stops the server
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-
-
 class RestServer:
-    """The REST API on its own port.
+    """The REST API on its own port, on the server's event loop (aiohttp).
 
-    ``timeout_seconds`` (``--rest_api_timeout_in_ms``) bounds every socket read, so an idle or
-    slow connection gives its pool thread back.
+    Limits, whatever the request's headers say: bodies (chunked or not) are cut at
+    ``max_request_bytes``; ``timeout_seconds`` (``--rest_api_timeout_in_ms``) bounds each
+    request from its first body byte to its reply (DEADLINE_EXCEEDED, HTTP 504) and closes
+    connections idle that long; ``pool`` (``--rest_api_num_threads`` threads) does the JSON work
+    of large requests, so the loop keeps serving while a 100 MB body is parsed.
     """
 
     def __init__(
         self,
         core: Core,
-        host: str,
-        port: int,
+        sock: socket.socket,
         *,
+        pool: Executor,
         metrics_path: str,
         max_request_bytes: int,
-        num_threads: int = 8,
         timeout_seconds: float = 30.0,
         cors: bool = False,
     ):
         self.core = core
+        self.sock = sock
+        self.pool = pool
+        self.port = sock.getsockname()[1]
         self.metrics_path = metrics_path
         self.max_request_bytes = max_request_bytes
         self.timeout_seconds = timeout_seconds if timeout_seconds > 0 else None
         self.cors = cors
-        handler = self._handler_class()
-        self.httpd = _PooledHTTPServer((host, port), handler, num_threads)
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="rest", daemon=True)
+        self._runner: web.AppRunner | None = None
 
-    def start(self) -> None:
-        self._thread.start()
+    async def start(self) -> None:
+        app = web.Application(client_max_size=self.max_request_bytes)
+        app.router.add_route("*", "/{path:.*}", self._request)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            keepalive_timeout=self.timeout_seconds or 75.0,
+            # Protocol errors (bad framing) are answered 400 by aiohttp; not worth a traceback.
+            logger=_QUIET,
+        )
+        await self._runner.setup()
+        await web.SockSite(self._runner, self.sock).start()
 
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.httpd.pool.shutdown(wait=False, cancel_futures=True)
+    async def stop(self, grace: float) -> None:
+        """Stop listening, let requests in flight finish (up to ``grace`` seconds), close."""
+        runner = self._runner
+        if runner is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()
+        if runner.server is not None:
+            await asyncio.sleep(0)  # requests accepted before the close start being handled
+            runner.server.pre_shutdown()
+            await runner.server.shutdown(grace)
+        await runner.cleanup()
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        server = self
+    async def _cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """JSON work of a large request, on the REST pool (``--rest_api_num_threads``)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections
-            timeout = server.timeout_seconds
+    async def _request(self, request: web.Request) -> web.StreamResponse:
+        path = request.raw_path.split("?", 1)[0]
+        method = request.method
+        if self.metrics_path and method == "GET" and path == self.metrics_path:
+            return web.Response(
+                body=self.core.metrics.render(),
+                headers={"Content-Type": "text/plain; version=0.0.4"},
+            )
+        big = False
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                if method == "OPTIONS":
+                    # A CORS preflight (http_server.cc): OK when the Origin is an http(s) URL.
+                    if not re.search(r"https?://", request.headers.get("Origin") or ""):
+                        raise failed_precondition("Origin header is missing in CORS preflight")
+                    return self._reply(200, b"")
+                if not V1_PATH.fullmatch(path):
+                    # net_http dispatches only /v1/...; anything else is its plain 404.
+                    raise not_found(f"Not found: {path}")
+                body = await self._body(request)
+                big = len(body) > INLINE_BYTES
+                result = await self.handle(method, path, body)
+                payload = await self._cpu(_dumps, result) if big else _dumps(result)
+            return self._reply(200, payload)
+        except TimeoutError:
+            return self._error(ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+        except ServingError as e:
+            return self._error(e)
+        except Exception as e:
+            log.exception("REST %s %s failed", method, path)
+            return self._error(ServingError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+        finally:
+            if big:
+                _release_memory()
 
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("%s %s", self.address_string(), format % args)
+    async def _body(self, request: web.Request) -> bytes:
+        """The request body, chunked or not, never more than the size cap."""
+        if request.method != "POST":
+            return b""
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ServingError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Request body is larger than the maximum of {self.max_request_bytes} bytes",
+            ) from None
 
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if server.metrics_path and path == server.metrics_path:
-                    self._send(200, server.core.metrics.render(), "text/plain; version=0.0.4")
-                    return
-                self._dispatch("GET", path, b"")
+    def _reply(self, status: int, payload: bytes) -> web.Response:
+        headers = {"Content-Type": "application/json"}
+        if self.cors:
+            headers.update(CORS_HEADERS)
+        return web.Response(status=status, body=payload, headers=headers)
 
-            def do_POST(self) -> None:
-                try:
-                    body = self._body()
-                except ServingError as e:
-                    self._error(e, close=True)
-                    return
-                self._dispatch("POST", self.path.split("?", 1)[0], body)
+    def _error(self, e: ServingError) -> web.Response:
+        return self._reply(e.http_status, json.dumps({"error": e.message}).encode())
 
-            def do_OPTIONS(self) -> None:
-                # A CORS preflight (http_server.cc): OK when the Origin is an http(s) URL.
-                if re.search(r"https?://", self.headers.get("Origin") or ""):
-                    self._send(200, b"", "application/json")
-                else:
-                    self._error(
-                        ServingError(
-                            grpc.StatusCode.FAILED_PRECONDITION,
-                            "Origin header is missing in CORS preflight",
-                        )
-                    )
-
-            def _body(self) -> bytes:
-                """The request body, chunked or not, never more than the size cap."""
-                limit = server.max_request_bytes
-                too_large = ServingError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"Request body is larger than the maximum of {limit} bytes",
-                )
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    chunks: list[bytes] = []
-                    total = 0
-                    while True:
-                        line = self.rfile.readline(1024).split(b";", 1)[0].strip()
-                        try:
-                            size = int(line, 16)
-                        except ValueError:
-                            raise invalid("Malformed chunked request body") from None
-                        if size == 0:
-                            while self.rfile.readline(1024).strip():
-                                pass  # trailers
-                            return b"".join(chunks)
-                        total += size
-                        if total > limit:
-                            raise too_large
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline(1024)
-                raw = self.headers.get("Content-Length")
-                if raw is None:
-                    return b""
-                if not raw.strip().isdigit():
-                    raise invalid(f"Invalid Content-Length: {raw!r}")
-                length = int(raw)
-                if length > limit:
-                    raise too_large
-                return self.rfile.read(length)
-
-            def _dispatch(self, method: str, path: str, body: bytes) -> None:
-                try:
-                    result = server.handle(method, path, body)
-                except ServingError as e:
-                    self._error(e)
-                    return
-                except Exception as e:
-                    log.exception("REST %s %s failed", method, path)
-                    self._error(ServingError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
-                    return
-                self._send(200, json.dumps(result, indent=1).encode(), "application/json")
-
-            def _error(self, e: ServingError, close: bool = False) -> None:
-                if close:
-                    self.close_connection = True
-                self._send(
-                    e.http_status, json.dumps({"error": e.message}).encode(), "application/json"
-                )
-
-            def _send(self, status: int, payload: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                if server.cors:
-                    self.send_header("Access-Control-Allow-Origin", "*")
-                    self.send_header("Access-Control-Allow-Methods", "POST, GET")
-                    self.send_header("Access-Control-Allow-Headers", "Content-Type")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        return Handler
-
-    def handle(self, method: str, path: str, body: bytes) -> dict[str, Any]:
+    async def handle(self, method: str, path: str, body: bytes) -> dict[str, Any]:
+        """One /v1/ request → the JSON reply (as a dict), TF Serving's HttpRestApiHandler."""
         if method == "POST":
             m = PREDICTION_PATH.fullmatch(path)
             if not m:
                 raise invalid(f"Malformed request: POST {path}")
             name, version, label, verb = m.groups()
-            if version and label:  # pragma: no cover - the regex allows only one
-                raise invalid("Both model version and model version label cannot be supplied.")
             spec = model_spec(name, version, label)
-            try:
-                data = json.loads(body or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise invalid(f"JSON Parse error: {e}") from e
-            if not isinstance(data, dict):
-                raise invalid("The request body must be a JSON object")
+            data = await self._cpu(_loads, body) if len(body) > INLINE_BYTES else _loads(body)
             signature = data.get("signature_name") or ""
             if not isinstance(signature, str):
                 raise invalid("'signature_name' must be a string")
             spec.signature_name = signature
             with self.core.measured(spec.name, verb, "REST"):
-                return self._infer(verb.lower(), spec, data)
-        m = STATUS_PATH.fullmatch(path)
+                return await self._infer(verb.lower(), spec, data, len(body) > INLINE_BYTES)
+        m = STATUS_PATH.fullmatch(path) if method == "GET" else None
         if not m:
-            raise invalid(f"Malformed request: GET {path}")
+            raise invalid(f"Malformed request: {method} {path}")
         name, version, label, sub = m.groups()
         if not name:
             raise invalid("Missing model name in request.")
@@ -429,15 +405,21 @@ class RestServer:
         )
         return _to_dict(status)
 
-    def _infer(self, verb: str, spec: Any, data: dict[str, Any]) -> dict[str, Any]:
+    async def _infer(self, verb: str, spec: Any, data: dict[str, Any], big: bool) -> dict[str, Any]:
         if verb == "predict":
             servable = self.core.manager.resolve(spec)
             sig = servable.signature(spec.signature_name or "serving_default")
-            inputs, fmt = parse_predict(data, {k: v.dtype for k, v in sig.inputs.items()})
-            _, _, outputs = self.core.predict(spec, inputs, ())
+            dtypes = {k: v.dtype for k, v in sig.inputs.items()}
+            inputs, fmt = (
+                await self._cpu(parse_predict, data, dtypes) if big else parse_predict(data, dtypes)
+            )
+            _, _, outputs = await self.core.predict(spec, inputs, ())
+            if big or sum(v.size for v in outputs.values()) > INLINE_ELEMENTS:
+                return await self._cpu(format_predict, outputs, fmt)
             return format_predict(outputs, fmt)
         method = CLASSIFY_METHOD if verb == "classify" else REGRESS_METHOD
-        _, _, outputs = self.core.infer_examples(spec, method, examples_from_json(data))
+        examples = await self._cpu(examples_from_json, data) if big else examples_from_json(data)
+        _, _, outputs = await self.core.infer_examples(spec, method, examples)
         if verb == "classify":
             result = classifications(outputs)
             # json_tensor.cc: kClassifyRegressResponseKey is "results".
@@ -447,6 +429,29 @@ class RestServer:
                 ]
             }
         return {"results": [r.value for r in regressions(outputs).regressions]}
+
+
+def _loads(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; anything else is INVALID_ARGUMENT (HTTP 400)."""
+    try:
+        data = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise invalid(f"JSON Parse error: {e}") from e
+    except RecursionError:
+        raise invalid("JSON Parse error: the document is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise invalid("The request body must be a JSON object")
+    return data
+
+
+def _dumps(result: Any) -> bytes:
+    return json.dumps(result, indent=1).encode()
+
+
+def _release_memory() -> None:
+    """Give the freed pages of a large request back to the OS (glibc keeps them otherwise)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _to_dict(message: Any) -> Any:

@@ -1,11 +1,20 @@
-"""The model server: gRPC (PredictionService, ModelService, Health) + REST + pollers."""
+"""The model server: gRPC (PredictionService, ModelService, Health) + REST + pollers.
+
+gRPC (``grpc.aio``) and REST (aiohttp) share one asyncio event loop on a thread of its own;
+request parsing, lookups and replies run on the loop, the model runs on a thread pool
+(``--grpc_max_threads``) or the batcher's threads, and TensorFlow releases the GIL while it
+computes. Loading and unloading happen on the version and config pollers' threads.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import threading
-from concurrent import futures
-from typing import Any
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,11 +34,15 @@ from serving.server.rest import RestServer
 from serving.server.service import Core, ModelService, PredictionService
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# What TF Serving registers under --enable_grpc_healthcheck_service: the server ("") and the
+# two services by their short names.
+HEALTH_NAMES = ("", "PredictionService", "ModelService")
 
 
 class ModelServer:
-    """Start with :meth:`start`, stop with :meth:`stop`; ``port``/``rest_port`` are the bound
-    ports (pass 0 to let the OS pick, as tests do)."""
+    """Ports are bound by the constructor (``port``/``rest_port``; pass 0 to let the OS pick,
+    as tests do); :meth:`start` loads the models, then serves; :meth:`stop` drains."""
 
     def __init__(self, options: ServerOptions):
         self.options = options
@@ -40,15 +53,41 @@ class ModelServer:
             poll_seconds=options.file_system_poll_wait_seconds,
             load=options.load,
         )
+        self.pool = ThreadPoolExecutor(options.grpc_max_threads, thread_name_prefix="model")
+        self.rest_pool = ThreadPoolExecutor(options.rest_api_num_threads, thread_name_prefix="rest")
         self.batcher = Batcher(options.batching) if options.batching else None
-        self.core = Core(self.manager, self.metrics, self.batcher, options.tensor_content)
+        self.core = Core(
+            self.manager,
+            self.metrics,
+            self.pool,
+            self.batcher,
+            options.tensor_content,
+            options.max_request_elements,
+        )
         self._config_lock = threading.Lock()
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.loop = asyncio.new_event_loop()
+        loop_thread = threading.Thread(target=self.loop.run_forever, name="serving", daemon=True)
+        loop_thread.start()
+        self._threads.append(loop_thread)
+        self.health: Any = None
+        self.rest: RestServer | None = None
+        self.port = 0
+        try:
+            self._on_loop(self._bind())
+        except BaseException:
+            self._close()
+            raise
+        self.rest_port = self.rest.port if self.rest else 0
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _bind(self) -> None:
+        options = self.options
         limit = options.max_request_size_bytes
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=options.grpc_max_threads, thread_name_prefix="grpc"
-            ),
+        self.grpc_server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -59,11 +98,10 @@ class ModelServer:
             PredictionService(self.core), self.grpc_server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelService(self.core, self.reload), self.grpc_server
+            ModelService(self.core, self._reload), self.grpc_server
         )
-        self.health: health.HealthServicer | None = None
         if options.enable_grpc_healthcheck_service:
-            self.health = health.HealthServicer()
+            self.health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         credentials = None
         if options.tls is not None:
@@ -73,7 +111,6 @@ class ModelServer:
                 root_certificates=tls.custom_ca.encode() if tls.custom_ca else None,
                 require_client_auth=tls.client_verify,
             )
-        self.port = 0
         addresses = []
         if options.port:
             addresses.append(f"{options.host}:{options.port}")
@@ -92,26 +129,26 @@ class ModelServer:
                 raise OptionsError(f"cannot listen on {address}")
             if not address.startswith("unix:"):
                 self.port = bound
-        self.rest: RestServer | None = None
         if options.rest_api_port:
             try:
-                self.rest = RestServer(
-                    self.core,
-                    options.host,
-                    options.rest_api_port,
-                    metrics_path=options.metrics_path,
-                    max_request_bytes=options.max_request_size_bytes,
-                    num_threads=options.rest_api_num_threads,
-                    timeout_seconds=options.rest_api_timeout_in_ms / 1000,
-                    cors=options.rest_api_enable_cors_support,
+                family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+                sock = socket.create_server(
+                    (options.host, options.rest_api_port), family=family, backlog=1024
                 )
             except OSError as e:
                 raise OptionsError(
                     f"--rest_api_port: cannot bind {options.host}:{options.rest_api_port}: "
                     f"{e.strerror}"
                 ) from e
-        self.rest_port = self.rest.port if self.rest else 0
-        self._threads: list[threading.Thread] = []
+            self.rest = RestServer(
+                self.core,
+                sock,
+                pool=self.rest_pool,
+                metrics_path=options.metrics_path,
+                max_request_bytes=options.max_request_size_bytes,
+                timeout_seconds=options.rest_api_timeout_in_ms / 1000,
+                cors=options.rest_api_enable_cors_support,
+            )
 
     def start(self) -> None:
         """Load the configured models (like TF Serving, before serving), then open the ports."""
@@ -123,20 +160,21 @@ class ModelServer:
             t = threading.Thread(target=self._poll_config, name="config-poller", daemon=True)
             t.start()
             self._threads.append(t)
-        self.grpc_server.start()
-        if self.rest:
-            self.rest.start()
-        if self.health is not None:
-            # What TF Serving registers under --enable_grpc_healthcheck_service: the server
-            # ("") and the two services by their short names.
-            for name in ("", "PredictionService", "ModelService"):
-                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._listen())
         log.info(
             "serving gRPC on %s:%d, REST on %s",
             self.options.host,
             self.port,
             f"{self.options.host}:{self.rest_port}" if self.rest else "(off)",
         )
+
+    async def _listen(self) -> None:
+        await self.grpc_server.start()
+        if self.rest:
+            await self.rest.start()
+        if self.health is not None:
+            for name in HEALTH_NAMES:
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def reload(self, config: Any) -> None:
         """Replace the whole config (HandleReloadConfigRequest or a changed config file)."""
@@ -146,6 +184,10 @@ class ModelServer:
             raise invalid(str(e)) from e
         with self._config_lock:
             self.manager.apply_config(config)
+
+    async def _reload(self, config: Any) -> None:
+        # Loading takes seconds: off the loop, on a thread of its own.
+        await asyncio.get_running_loop().run_in_executor(None, self.reload, config)
 
     def _poll_config(self) -> None:
         last = self.options.model_config.SerializeToString()
@@ -165,16 +207,40 @@ class ModelServer:
             except Exception as e:  # noqa: BLE001 - keep serving the old config
                 log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", e)
 
-    def stop(self, grace: float = 2.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: health turns NOT_SERVING, both listeners stop accepting, calls and
+        requests in flight get up to ``grace`` seconds (``--drain_grace_seconds``) to finish."""
+        grace = self.options.drain_grace_seconds if grace is None else grace
         self._stop.set()
+        if self.loop.is_running():
+            try:
+                self._on_loop(self._drain(grace), timeout=grace + 30)
+            except Exception:
+                log.exception("drain failed")
+        self._close()
+
+    async def _drain(self, grace: float) -> None:
         if self.health is not None:
-            self.health.enter_graceful_shutdown()
-        if self.rest:
-            self.rest.stop()
-        self.grpc_server.stop(grace).wait()
+            await self.health.enter_graceful_shutdown()
+        await asyncio.gather(
+            self.grpc_server.stop(grace),
+            self.rest.stop(grace) if self.rest else asyncio.sleep(0),
+        )
+
+    def _close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self._stop.set()
         self.manager.stop()
         if self.batcher:
             self.batcher.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.rest_pool.shutdown(wait=False, cancel_futures=True)
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._threads[0].join(timeout=10)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()
 
     def request_stop(self) -> None:
         """Make :meth:`wait` return (from a signal handler)."""

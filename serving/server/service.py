@@ -6,11 +6,13 @@ gRPC uses the official generated code from tensorflow-serving-api
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -22,6 +24,7 @@ from tensorflow_serving.apis import (
     get_model_status_pb2,
     inference_pb2,
     model_management_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -38,21 +41,30 @@ from serving.server.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable, e
 log = logging.getLogger(__name__)
 
 STATE_ENUM = get_model_status_pb2.ModelVersionStatus.State
+T = TypeVar("T")
 
 
 class Core:
-    """Resolve the servable, check inputs, run (batched or not) and count."""
+    """Resolve the servable, check inputs, run (batched or not) and count.
+
+    Runs on the server's event loop; the model itself runs on ``pool`` (or the batcher's
+    threads), never on the loop.
+    """
 
     def __init__(
         self,
         manager: ModelManager,
         metrics: Metrics,
+        pool: Executor,
         batcher: Batcher | None = None,
         tensor_content: bool = False,
+        max_elements: int | None = None,
     ):
         self.manager = manager
         self.metrics = metrics
+        self.pool = pool
         self.batcher = batcher
+        self.max_elements = max_elements
         # TF Serving answers with the typed *_val fields unless
         # --enable_serialization_as_tensor_content.
         self.as_fields = not tensor_content
@@ -72,24 +84,40 @@ class Core:
         finally:
             self.metrics.request(model, api, entrypoint, status, time.perf_counter() - start)
 
-    def predict(
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the model pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def decode_inputs(self, inputs: Any) -> dict[str, np.ndarray]:
+        """Request TensorProtos → arrays; a tensor TensorFlow could not build (or one over
+        ``--max_request_elements``) is INVALID_ARGUMENT, as ``Tensor::FromProto`` failing is."""
+        out = {}
+        for alias, proto in inputs.items():
+            try:
+                out[alias] = codec.to_numpy(proto, self.max_elements)
+            except codec.CodecError as e:
+                raise invalid(f"tensor parsing error: {alias} ({e})") from e
+        return out
+
+    async def predict(
         self, model_spec: Any, inputs: dict[str, np.ndarray], output_filter: tuple[str, ...]
     ) -> tuple[Servable, str, dict[str, np.ndarray]]:
         servable = self.manager.resolve(model_spec)
         signature = model_spec.signature_name or "serving_default"
         feeds = servable.check_predict(signature, inputs, output_filter)
         if self.batcher is not None:
-            outputs = self.batcher.submit(servable, signature, feeds, output_filter)
+            outputs = await self.batcher.submit(servable, signature, feeds, output_filter)
         else:
-            outputs = servable.run_checked(signature, feeds, output_filter)
+            outputs = await self.run(servable.run_checked, signature, feeds, output_filter)
         return servable, signature, outputs
 
-    def infer_examples(
+    async def infer_examples(
         self, model_spec: Any, method: str, examples: list[bytes]
     ) -> tuple[Servable, str, dict[str, np.ndarray]]:
         servable = self.manager.resolve(model_spec)
         signature = model_spec.signature_name or "serving_default"
-        return servable, signature, servable.run_examples(signature, method, examples)
+        outputs = await self.run(servable.run_examples, signature, method, examples)
+        return servable, signature, outputs
 
 
 def classifications(outputs: dict[str, np.ndarray]) -> Any:
@@ -133,13 +161,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, core: Core):
         self.core = core
 
-    def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def handle() -> Any:
-            try:
-                inputs = {k: codec.to_numpy(v) for k, v in request.inputs.items()}
-            except codec.CodecError as e:
-                raise invalid(str(e)) from e
-            servable, sig, outputs = self.core.predict(
+    async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle() -> Any:
+            inputs = self.core.decode_inputs(request.inputs)
+            servable, sig, outputs = await self.core.predict(
                 request.model_spec, inputs, tuple(request.output_filter)
             )
             response = predict_pb2.PredictResponse()
@@ -152,10 +177,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 )
             return response
 
-        return _serve(self.core, request.model_spec.name, "predict", context, handle)
+        return await _serve(self.core, request.model_spec.name, "predict", context, handle)
 
-    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._examples(
+    async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._examples(
             request,
             context,
             CLASSIFY_METHOD,
@@ -164,8 +189,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             classifications,
         )
 
-    def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._examples(
+    async def Regress(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._examples(
             request,
             context,
             REGRESS_METHOD,
@@ -174,10 +199,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             regressions,
         )
 
-    def _examples(
+    async def _examples(
         self,
         request: Any,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         method: str,
         api: str,
         response_cls: Any,
@@ -185,8 +210,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     ) -> Any:
         """Classify/Regress: serialized tf.Examples through a classify/regress signature."""
 
-        def handle() -> Any:
-            servable, sig, outputs = self.core.infer_examples(
+        async def handle() -> Any:
+            servable, sig, outputs = await self.core.infer_examples(
                 request.model_spec, method, examples_of(request.input)
             )
             response = response_cls()
@@ -194,16 +219,37 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.result.CopyFrom(to_result(outputs))
             return response
 
-        return _serve(self.core, request.model_spec.name, api, context, handle)
+        return await _serve(self.core, request.model_spec.name, api, context, handle)
 
-    def MultiInference(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def handle() -> Any:
+    async def MultiInference(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle() -> Any:
+            # multi_inference_helper.cc: the servable comes from the first task's ModelSpec
+            # (an empty one without tasks: NOT_FOUND), every task must name that model.
+            first = request.tasks[0].model_spec if request.tasks else model_pb2.ModelSpec()
+            servable = self.core.manager.resolve(first)
+            signatures = set()
+            for task in request.tasks:
+                if not task.model_spec.name:
+                    raise invalid("Found ModelSpec with an empty model name.")
+                if task.model_spec.name != first.name:
+                    raise invalid(
+                        "All ModelSpecs in a MultiInferenceRequest must access the same model name."
+                    )
+                signature = task.model_spec.signature_name or "serving_default"
+                if signature in signatures:
+                    raise invalid("Duplicate evaluation of signature: " + signature)
+                signatures.add(signature)
+                if signature not in servable.signature_defs:
+                    raise invalid(f"Requested signature not found in model graph: {signature}")
+                if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+                    raise ServingError(
+                        grpc.StatusCode.UNIMPLEMENTED,
+                        f"Unsupported signature method_name: {task.method_name}",
+                    )
             examples = examples_of(request.input)
             response = inference_pb2.MultiInferenceResponse()
             for task in request.tasks:
-                if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
-                    raise invalid(f"Unsupported signature method_name: {task.method_name}")
-                servable, sig, outputs = self.core.infer_examples(
+                servable, sig, outputs = await self.core.infer_examples(
                     task.model_spec, task.method_name, examples
                 )
                 result = response.results.add()
@@ -215,13 +261,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             return response
 
         name = request.tasks[0].model_spec.name if request.tasks else ""
-        return _serve(self.core, name, "multi_inference", context, handle)
+        return await _serve(self.core, name, "multi_inference", context, handle)
 
-    def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def handle() -> Any:
+    async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle() -> Any:
             return model_metadata(self.core.manager, request)
 
-        return _serve(self.core, request.model_spec.name, "metadata", context, handle)
+        return await _serve(self.core, request.model_spec.name, "metadata", context, handle)
 
 
 def model_metadata(manager: ModelManager, request: Any) -> Any:
@@ -260,46 +306,46 @@ def _error_code(name: str) -> int:
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, core: Core, on_reload: Callable[[Any], None]):
+    def __init__(self, core: Core, on_reload: Callable[[Any], Awaitable[None]]):
         self.core = core
         self.on_reload = on_reload
 
-    def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return _serve(
-            self.core,
-            request.model_spec.name,
-            "status",
-            context,
-            lambda: model_status(self.core.manager, request),
-            count=False,
+    async def GetModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handle() -> Any:
+            return model_status(self.core.manager, request)
+
+        return await _serve(
+            self.core, request.model_spec.name, "status", context, handle, count=False
         )
 
-    def HandleReloadConfigRequest(self, request: Any, context: grpc.ServicerContext) -> Any:
-        def handle() -> Any:
-            self.on_reload(request.config)
+    async def HandleReloadConfigRequest(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        async def handle() -> Any:
+            await self.on_reload(request.config)
             return model_management_pb2.ReloadConfigResponse()
 
-        return _serve(self.core, "", "reload", context, handle, count=False)
+        return await _serve(self.core, "", "reload", context, handle, count=False)
 
 
-def _serve(
+async def _serve(
     core: Core,
     model: str,
     api: str,
-    context: grpc.ServicerContext,
-    handle: Callable[[], Any],
+    context: grpc.aio.ServicerContext,
+    handle: Callable[[], Awaitable[Any]],
     count: bool = True,
 ) -> Any:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
     try:
         if not count:
-            return handle()
+            return await handle()
         with core.measured(model, api, "GRPC"):
-            return handle()
+            return await handle()
     except ServingError as e:
-        context.abort(e.code, e.message)
+        await context.abort(e.code, e.message)
     except Exception as e:
         log.exception("%s failed", api)
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
