@@ -57,14 +57,15 @@ class Model:
 
 def list_versions(base_path: str) -> dict[int, Path]:
     """Children whose name is a non-negative int64, as TF Serving's file-system source sees
-    versions; anything else (``.tmp-3``, ``latest``) is ignored."""
-    root = Path(base_path)
+    versions; anything else (``.tmp-3``, ``latest``) is ignored.
+
+    Raises:
+        OSError: the base path is missing or cannot be listed. TF Serving then emits nothing
+            (``PollFileSystemForServable``: "Could not find base path"), so what is loaded
+            stays loaded; only an existing, readable base path with no versions unloads.
+    """
     out = {}
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        return {}
-    for child in children:
+    for child in Path(base_path).iterdir():
         if child.name.isdigit() and int(child.name) < 2**63 and child.is_dir():
             out[int(child.name)] = child
     return out
@@ -209,7 +210,18 @@ class ModelManager:
                 self._reconcile_model(model)
 
     def _reconcile_model(self, model: Model) -> None:
-        on_disk = list_versions(model.config.base_path)
+        try:
+            on_disk = list_versions(model.config.base_path)
+        except OSError as e:
+            # file_system_storage_path_source.cc's words; what is loaded stays loaded.
+            log.error(
+                "FileSystemStoragePathSource encountered a filesystem access error: Could not "
+                "find base path %s for servable %s with error %s",
+                model.config.base_path,
+                model.name,
+                e.strerror or e,
+            )
+            return
         want = aspired(model.config.model_version_policy, on_disk)
         now = time.monotonic()
         for version in sorted(want, reverse=True):  # the highest new version first

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 STATE_ENUM = get_model_status_pb2.ModelVersionStatus.State
 T = TypeVar("T")
+# Model calls that usually take less than this run on the event loop (see Core.run).
+INLINE_RUN_SECONDS = 0.002
 
 
 class Core:
@@ -84,8 +86,13 @@ class Core:
         finally:
             self.metrics.request(model, api, entrypoint, status, time.perf_counter() - start)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the model pool."""
+    async def run(self, servable: Servable, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a call of ``servable``'s model: on the model pool, or right here on
+        the event loop when the model answers faster than a thread hand-off (two context
+        switches and a wake-up of the loop) would cost; a model that slows down moves to the
+        pool on its next call, so the loop is never held for long."""
+        if servable.run_seconds < INLINE_RUN_SECONDS:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def decode_inputs(self, inputs: Any) -> dict[str, np.ndarray]:
@@ -108,7 +115,9 @@ class Core:
         if self.batcher is not None:
             outputs = await self.batcher.submit(servable, signature, feeds, output_filter)
         else:
-            outputs = await self.run(servable.run_checked, signature, feeds, output_filter)
+            outputs = await self.run(
+                servable, servable.run_checked, signature, feeds, output_filter
+            )
         return servable, signature, outputs
 
     async def infer_examples(
@@ -116,7 +125,7 @@ class Core:
     ) -> tuple[Servable, str, dict[str, np.ndarray]]:
         servable = self.manager.resolve(model_spec)
         signature = model_spec.signature_name or "serving_default"
-        outputs = await self.run(servable.run_examples, signature, method, examples)
+        outputs = await self.run(servable, servable.run_examples, signature, method, examples)
         return servable, signature, outputs
 
 
