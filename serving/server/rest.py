@@ -288,6 +288,9 @@ class RestServer:
             app,
             access_log=None,
             keepalive_timeout=self.timeout_seconds or 75.0,
+            # After an early reply (body too large or too slow), read what the client is still
+            # sending for at most this long, then close.
+            lingering_time=1.0,
             # Protocol errors (bad framing) are answered 400 by aiohttp; not worth a traceback.
             logger=_QUIET,
         )

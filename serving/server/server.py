@@ -9,6 +9,7 @@ computes. Loading and unloading happen on the version and config pollers' thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -17,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import message, message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
 
 from serving.server.batching import Batcher
 from serving.server.errors import invalid
@@ -94,11 +96,11 @@ class ModelServer:
                 *options.grpc_channel_arguments,
             ],
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionService(self.core), self.grpc_server
+        _add_service(
+            self.grpc_server, prediction_service_pb2.DESCRIPTOR, PredictionService(self.core)
         )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelService(self.core, self._reload), self.grpc_server
+        _add_service(
+            self.grpc_server, model_service_pb2.DESCRIPTOR, ModelService(self.core, self._reload)
         )
         if options.enable_grpc_healthcheck_service:
             self.health = health.aio.HealthServicer()
@@ -237,6 +239,8 @@ class ModelServer:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.rest_pool.shutdown(wait=False, cancel_futures=True)
         if self.loop.is_running():
+            with contextlib.suppress(Exception):
+                self._on_loop(_cancel_tasks(), timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._threads[0].join(timeout=10)
         if not self.loop.is_running() and not self.loop.is_closed():
@@ -248,3 +252,43 @@ class ModelServer:
 
     def wait(self) -> None:
         self._stop.wait()
+
+
+async def _cancel_tasks() -> None:
+    """Cancel what the drain left running (connections past the grace) and let it unwind."""
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _add_service(server: grpc.aio.Server, file: Any, servicer: Any) -> None:
+    """Register ``servicer``'s methods for the file's one service, parsing requests ourselves:
+    bytes that are no valid request get INTERNAL with protobuf's reason, as gRPC C++ answers
+    for TF Serving (``GenericDeserialize`` in proto_utils.h); grpc.aio's own parser would
+    answer UNKNOWN."""
+    (service,) = file.services_by_name.values()
+    handlers = {}
+    for method in service.methods:
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(getattr(servicer, method.name), request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def _parsing(method: Any, request_cls: Any) -> Any:
+    async def call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        request = request_cls()
+        try:
+            request.ParseFromString(data)
+        except message.DecodeError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        return await method(request, context)
+
+    return call
