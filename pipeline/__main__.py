@@ -1,4 +1,4 @@
-"""``python -m pipeline {sample-data,ingest,tune,train,evaluate,export,run}``."""
+"""``python -m pipeline {sample-data,ingest,tune,train,evaluate,export,run,keygen}``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config, ConfigError, load_config
@@ -51,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", parents=[common], help="train with the best (or default) hparams")
     sub.add_parser("evaluate", parents=[common], help="test-split metrics, report and plots")
     sub.add_parser("export", parents=[common], help="publish MODEL_BASE_PATH/NAME/VERSION/")
+    p = sub.add_parser(
+        "keygen",
+        parents=[common],
+        help="new Ed25519 key pair for signing exports (export.signing_key, promote.public_key)",
+    )
+    p.add_argument(
+        "--out", default="keys/signing.pem", help="private key path (default %(default)s)"
+    )
     p = sub.add_parser("run", parents=[common], help="run several stages in order")
     p.add_argument(
         "--stages",
@@ -120,6 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"data/{args.dataset}" if args.dataset == "digits" else f"data/{args.dataset}.csv"
             )
             print(f"sample-data: wrote {write_sample(args.dataset, out)}")
+            return 0
+        if args.command == "keygen":
+            from pipeline.signing import generate_keys
+
+            public = generate_keys(Path(args.out))
+            print(
+                f"keygen: private key {args.out} (keep it secret: set export.signing_key to it "
+                f"where models are exported), public key {public} (set promote.public_key to "
+                "it where promotions run)"
+            )
             return 0
         if args.command == "run":
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]

@@ -267,7 +267,7 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    """The promotion gates (serving/promote.py)."""
+    """The promotion gates (serving/promote/gates.py)."""
 
     # Absolute thresholds on metrics computed now on the evaluation data, e.g.
     # min_metrics = {accuracy = 0.95, auc = 0.9}, max_metrics = {rmse = 50.0}.

@@ -13,6 +13,37 @@ from pathlib import Path
 from pipeline.artifacts import MANIFEST, SIGNATURE, PipelineError
 
 
+def generate_keys(private_path: Path) -> Path:
+    """A new Ed25519 key pair: ``private_path`` (mode 0600, never overwritten) for
+    ``export.signing_key`` and ``private_path.pub`` for ``promote.public_key``. Returns the
+    public key's path."""
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    public_path = private_path.with_name(private_path.name + ".pub")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise PipelineError(f"{path}: exists; keys are never overwritten (move it away)")
+    key = ed25519.Ed25519PrivateKey.generate()
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem)
+    public_path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return public_path
+
+
 def sign_manifest(version_dir: Path, private_key_pem: str | Path) -> Path:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519

@@ -2,9 +2,10 @@
 
 Light: it needs grpcio, protobuf and numpy, never TensorFlow (messages come from
 ``serving.protos``, tensors from ``serving.codec``). Polite: a default deadline every call can
-override, ``wait_for_ready`` while a server starts, retries only on UNAVAILABLE with exponential
-backoff through the gRPC service config, keepalive, large message limits, round_robin over every
-address of a ``dns:///`` target (a headless Kubernetes Service), TLS and mutual TLS.
+override, ``wait_for_ready`` while a server starts, retries of idempotent calls only on
+UNAVAILABLE with exponential backoff and a retry budget (gRPC service config), keepalive, large
+message limits, round_robin over every address of a ``dns:///`` target (a headless Kubernetes
+Service), TLS and mutual TLS.
 
     with ServingClient("localhost:8500", model="digits") as client:
         outputs = client.predict({"image": batch})      # dict of numpy arrays
@@ -85,14 +86,31 @@ class Outputs(dict[str, np.ndarray]):
         self.signature = signature
 
 
+# Calls that change nothing on the server: safe to send again. HandleReloadConfigRequest is
+# not among them (a retried reload can undo a newer one that landed in between).
+IDEMPOTENT_METHODS = (
+    ("tensorflow.serving.PredictionService", "Predict"),
+    ("tensorflow.serving.PredictionService", "Classify"),
+    ("tensorflow.serving.PredictionService", "Regress"),
+    ("tensorflow.serving.PredictionService", "MultiInference"),
+    ("tensorflow.serving.PredictionService", "GetModelMetadata"),
+    ("tensorflow.serving.ModelService", "GetModelStatus"),
+)
+
+
 @dataclass
 class RetryPolicy:
-    """Retries of calls that failed with UNAVAILABLE, in the channel's service config."""
+    """Retries of idempotent calls that failed with UNAVAILABLE, in the channel's service
+    config, under gRPC's retry throttling: each failure costs a token, each success gives back
+    ``token_ratio``, and retries stop while fewer than half of ``max_tokens`` are left, so a
+    server that is down is not hit with ``max_attempts`` times the traffic."""
 
     max_attempts: int = 4
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
     multiplier: float = 2.0
+    max_tokens: int = 10
+    token_ratio: float = 0.1
 
     def service_config(self, load_balancing: str) -> str:
         config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
@@ -100,8 +118,8 @@ class RetryPolicy:
             config["methodConfig"] = [
                 {
                     "name": [
-                        {"service": "tensorflow.serving.PredictionService"},
-                        {"service": "tensorflow.serving.ModelService"},
+                        {"service": service, "method": method}
+                        for service, method in IDEMPOTENT_METHODS
                     ],
                     "retryPolicy": {
                         "maxAttempts": min(self.max_attempts, 5),  # gRPC caps attempts at 5
@@ -112,6 +130,10 @@ class RetryPolicy:
                     },
                 }
             ]
+            config["retryThrottling"] = {
+                "maxTokens": self.max_tokens,
+                "tokenRatio": self.token_ratio,
+            }
         return json.dumps(config)
 
 

@@ -461,3 +461,52 @@ def test_wire_predict_request_and_response():
     assert spec.version.value == 3
     assert outputs["p"].tolist() == [[0.25, 0.75]] and not outputs["p"].flags.writeable
     assert outputs["ids"].tolist() == [1, 2] and outputs["c"].tolist() == [b"yes"]
+
+
+def test_only_idempotent_calls_are_retried_within_a_budget():
+    """A server that answers UNAVAILABLE: Predict and GetModelStatus are tried max_attempts
+    times, HandleReloadConfigRequest once; once the retry budget is spent, one attempt each."""
+    from concurrent import futures
+
+    from serving import protos as p
+
+    attempts: dict[str, int] = {}
+
+    def unavailable(name):
+        def handler(request, context):
+            attempts[name] = attempts.get(name, 0) + 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+
+        return grpc.unary_unary_rpc_method_handler(handler)
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    for service, methods in (
+        ("tensorflow.serving.PredictionService", ("Predict",)),
+        ("tensorflow.serving.ModelService", ("GetModelStatus", "HandleReloadConfigRequest")),
+    ):
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {m: unavailable(m) for m in methods}),)
+        )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = ServingClient(f"127.0.0.1:{port}", model="m", retries=3)
+        with pytest.raises(UnavailableError):
+            client.reload_config(p.ModelServerConfig(), timeout=10)
+        assert attempts == {"HandleReloadConfigRequest": 1}
+        with pytest.raises(UnavailableError):
+            client.status(timeout=10)
+        assert attempts["GetModelStatus"] == 4
+        # Every failure costs a token (10): after a few failed calls the budget is below half
+        # and calls go out once.
+        for _ in range(4):
+            with pytest.raises(UnavailableError):
+                client.predict({"x": np.zeros((1, 2), np.float32)}, timeout=10)
+        assert attempts["Predict"] < 4 * 4
+        before = attempts["Predict"]
+        with pytest.raises(UnavailableError):
+            client.predict({"x": np.zeros((1, 2), np.float32)}, timeout=10)
+        assert attempts["Predict"] == before + 1
+        client.close()
+    finally:
+        server.stop(0)

@@ -195,32 +195,30 @@ def test_signature_compatibility(tmp_path, library):
 
 
 def test_signed_versions(env, tmp_path, capsys):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
+    """Signing end to end: `python -m pipeline keygen`, a signed manifest verifies in the
+    integrity gate; unsigned, or signed with another key, is refused."""
+    from pipeline.__main__ import main as pipeline_main
     from pipeline.signing import sign_manifest
 
     prod, base, versions = env
-    key = ed25519.Ed25519PrivateKey.generate()
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (tmp_path / "pub.pem").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    key = tmp_path / "keys" / "signing.pem"
+    assert pipeline_main(["keygen", "--out", str(key)]) == 0
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert pipeline_main(["keygen", "--out", str(key)]) == 1  # never overwritten
+    other = tmp_path / "other.pem"
+    assert pipeline_main(["keygen", "--out", str(other)]) == 0
+    capsys.readouterr()
     signed = tmp_path / "signed" / "shapes"
     shutil.copytree(versions / "1", signed / "1")
-    argv = ["shapes", "1", *base, *APPROVE, "--set", f'promote.public_key="{tmp_path / "pub.pem"}"']
+    public = f'promote.public_key="{key}.pub"'
+    argv = ["shapes", "1", *base, *APPROVE, "--set", public]
     argv[argv.index("--from") + 1] = str(tmp_path / "signed")
     assert main(argv) == 1
     assert "was not signed" in capsys.readouterr().out
-    sign_manifest(signed / "1", tmp_path / "key.pem")
+    sign_manifest(signed / "1", other)
+    assert main(argv) == 1
+    assert "made with another key" in capsys.readouterr().out
+    sign_manifest(signed / "1", key)
     assert main(argv) == 0
     assert "signature verified" in capsys.readouterr().out
 
@@ -468,6 +466,7 @@ def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch, gat
     """The source's weights are swapped for another model's right after one gate ran: production
     still receives the copy every gate checked, and its manifest verifies."""
     import serving.promote as P
+    import serving.promote.gates as G
     from pipeline.export import verify_manifest
 
     prod, base, models = env
@@ -477,7 +476,7 @@ def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch, gat
     argv = ["shapes", "1", "--from", str(source), *base[2:], *APPROVE]
     weights = sorted((source / "shapes" / "1" / "variables").glob("variables.data-*"))[0]
     gated = weights.read_bytes()
-    real = getattr(P, gate)
+    real = getattr(G, gate)
 
     def gate_then_swap(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -485,7 +484,7 @@ def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch, gat
         shutil.copy(other, weights)  # the attacker's model, in the source
         return result
 
-    monkeypatch.setattr(P, gate, gate_then_swap)
+    monkeypatch.setattr(G, gate, gate_then_swap)
     assert main(argv) == 0
     assert weights.read_bytes() != gated  # the swap happened
     published = prod / "shapes" / "1"
@@ -497,7 +496,7 @@ def test_production_gets_exactly_the_gated_bytes(env, tmp_path, monkeypatch, gat
 
 
 def test_audit_trail_records_every_attempt_and_detects_tampering(env, monkeypatch, capsys):
-    import serving.promote as P
+    import serving.promote.gates as G
 
     prod, base, _ = env
     assert main(["shapes", "1", *base, *APPROVE]) == 0
@@ -505,7 +504,7 @@ def test_audit_trail_records_every_attempt_and_detects_tampering(env, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("checksum mismatch in variables")  # not a PipelineError
 
-    monkeypatch.setattr(P, "gate_quality", broken)
+    monkeypatch.setattr(G, "gate_quality", broken)
     with pytest.raises(RuntimeError):
         main(["shapes", "2", *base, *APPROVE])
     crashed = audit_lines(prod)[-1]

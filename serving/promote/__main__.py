@@ -1,0 +1,7 @@
+"""``python -m serving.promote``."""
+
+import sys
+
+from serving.promote.cli import main
+
+sys.exit(main())
