@@ -77,8 +77,20 @@ def main() -> None:
         collapsed = root / "profile.txt"
         try:
             spy = subprocess.Popen(
-                [pyspy, "record", "--pid", str(server.pid), "--format", "raw", "--threads",
-                 "--output", str(collapsed), "--duration", str(int(args.seconds)), "--nonblocking"],
+                [
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--format",
+                    "raw",
+                    "--threads",
+                    "--output",
+                    str(collapsed),
+                    "--duration",
+                    str(int(args.seconds)),
+                    "--nonblocking",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
