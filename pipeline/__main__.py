@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import console
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config, ConfigError, load_config
 
@@ -40,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--run-id", help="work in artifacts/RUN_ID (default: newest run)")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also TensorFlow's start-up lines and Keras' warnings",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -109,17 +114,8 @@ def run_stage(stage: str, cfg: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # TensorFlow's C++ INFO lines drown the pipeline's own output; users can still lower it.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # TensorFlow's own INFO chatter (asset writes, renamed captures) is not the user's business.
-    for noisy in ("absl", "tensorflow", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console.configure(quiet=args.quiet, verbose=args.verbose)
     try:
         cfg = _config(args)
         if args.command == "sample-data":
@@ -140,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "it where promotions run)"
             )
             return 0
+        console.quiet_tensorflow()
         if args.command == "run":
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             unknown = [s for s in stages if s not in STAGES]
@@ -150,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             stages = [args.command]
         for stage in stages:
-            run_stage(stage, cfg)
+            with console.step(stage):
+                run_stage(stage, cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 from pipeline import artifacts as A
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config
+from pipeline.console import Progress
 from pipeline.data_validation import Anomaly, histogram_edges, infer_schema, validate
 from pipeline.sources import BadRecord, Record, open_source
 from pipeline.statistics import SplitStats
@@ -174,7 +174,7 @@ def ingest(cfg: Config) -> IngestResult:
         acc = {s: SplitStats(kinds, edges, label_kind) for s in (*SPLITS, "all")}
         counts = {"total": 0, "bad": 0, "missing_label": 0}
         bad: list[dict[str, str]] = []
-        progress = _progress(profile.rows)
+        progress = Progress("ingest", profile.rows or None, "rows")
         for item in source.records(kinds):
             counts["total"] += 1
             progress.update(1)
@@ -182,6 +182,7 @@ def ingest(cfg: Config) -> IngestResult:
                 item = _check_record(item, label_kind, vector_len)
             if isinstance(item, BadRecord):
                 counts["bad"] += 1
+                progress.postfix = f"{counts['bad']} bad"
                 if len(bad) < MAX_LISTED_BAD:
                     bad.append({"origin": item.origin, "reason": item.reason})
                 continue
@@ -308,9 +309,3 @@ def _previous_stats(root: Path) -> dict[str, Any] | None:
         return None
     path = root / latest.read_text().strip() / A.STATS
     return A.read_json(path)["all"] if path.exists() else None
-
-
-def _progress(total: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="ingest", unit="ex", file=sys.stderr, disable=None, mininterval=1)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import tensorflow as tf
 
 from pipeline import artifacts as A
 from pipeline.config import Config
+from pipeline.console import epoch_callback, number
 from pipeline.datasets import DataSpec, load_spec, make_dataset
 from pipeline.models import build_model, compile_model, model_kind, unfreeze_top
 
@@ -70,7 +70,8 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
     with strategy.scope():
         model = build_model(hp, spec, cfg)
     chief = is_chief()
-    log.info("training %s with %s hyperparameters %s", model.name, origin, hp.values)
+    shown = {k: number(v) for k, v in hp.values.items() if not k.startswith("tuner/")}
+    log.info("training %s with %s hyperparameters %s", model.name, origin, shown)
     batch: dict[str, Any] = dict(batch_size=cfg.train.batch_size, cache=cfg.train.cache)
     train_ds = make_dataset(
         spec,
@@ -81,7 +82,7 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
         **batch,
     )
     val_ds = make_dataset(spec, "val", **batch)
-    verbose = 1 if sys.stderr.isatty() else 2
+    verbose = 0  # epoch_callback prints one line per epoch with its ETA
     backup = run_dir / A.CHECKPOINTS / "backup"
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.BackupAndRestore(str(backup)),
@@ -91,6 +92,7 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
         keras.callbacks.TensorBoard(
             str(run_dir / A.TENSORBOARD / ("" if chief else f"worker-{os.getpid()}"))
         ),
+        epoch_callback(cfg.train.epochs),
         *(extra_callbacks or []),
     ]
     history = model.fit(
@@ -153,6 +155,7 @@ def _fine_tune(
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=cfg.train.patience, restore_best_weights=True
             ),
+            epoch_callback(start + cfg.model.fine_tune_epochs, "fine-tune"),
         ],
     ).history
     return {k: list(history.get(k, [])) + list(more.get(k, [])) for k in set(history) | set(more)}

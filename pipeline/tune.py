@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import keras_tuner as kt
 from pipeline import artifacts as A
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config
+from pipeline.console import duration, number, say
 from pipeline.datasets import DataSpec, load_spec, make_dataset
 from pipeline.models import build_model
 
@@ -112,6 +112,7 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
     val_ds = make_dataset(spec, "val", **batch)
     tuner = make_tuner(cfg, spec, run_dir / A.TUNER, deadline)
     objective = tuner.oracle.objective.name
+    trial_progress(tuner, cfg.tune.max_trials, start, cfg.tune.time_limit_s)
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=objective, patience=cfg.tune.patience),
         DeadlineCallback(deadline),
@@ -131,7 +132,7 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
             epochs=cfg.tune.max_epochs,
             shuffle=False,  # the dataset shuffles itself
             callbacks=callbacks,
-            verbose=1 if sys.stderr.isatty() else 0,
+            verbose=0,  # one line per trial instead (trial_progress)
         )
     except RuntimeError as e:
         if "consecutive failures" in str(e):
@@ -190,5 +191,29 @@ def print_summary(trials: list[dict[str, Any]], objective: str, best: dict[str, 
     print(f"tune: {len(trials)} trials, {len(done)} scored, {len(failed)} failed")
     ranked = sorted(done, key=lambda t: t["score"], reverse="loss" not in objective)
     for t in ranked[:5]:
-        print(f"  trial {t['trial_id']}: {objective}={t['score']:.4f} {t['hyperparameters']}")
-    print(f"tune: best {best}")
+        print(f"  trial {t['trial_id']}: {objective}={t['score']:.4f} {_hp(t['hyperparameters'])}")
+    print(f"tune: best {_hp(best)}")
+
+
+def _hp(values: dict[str, Any]) -> str:
+    shown = (f"{k}: {number(v)}" for k, v in values.items() if not k.startswith("tuner/"))
+    return "{" + ", ".join(shown) + "}"
+
+
+def trial_progress(tuner: kt.Tuner, max_trials: int, start: float, budget: float) -> None:
+    """One line per finished trial: i/N, its score, the best so far, elapsed/budget."""
+    finished = tuner.on_trial_end
+    objective = tuner.oracle.objective
+
+    def on_trial_end(trial: Any) -> None:
+        finished(trial)
+        done = [t for t in tuner.oracle.trials.values() if t.score is not None]
+        best = (min if objective.direction == "min" else max)((t.score for t in done), default=None)
+        score = "failed" if trial.score is None else number(float(trial.score))
+        say(
+            f"tune: trial {len(tuner.oracle.trials)}/{max_trials} {objective.name}={score} "
+            f"best={number(best) if best is not None else '-'} "
+            f"({duration(time.monotonic() - start)} of {duration(budget)})"
+        )
+
+    tuner.on_trial_end = on_trial_end

@@ -784,23 +784,44 @@ def _fit(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return array
 
 
+def top_classes(outputs: Outputs, labels: list[str] | None, top: int) -> list[list[dict[str, Any]]]:
+    """Per example, the ``top`` classes by probability: id, label (from ``labels``, else the
+    model's ``classes`` output for its top class, else None) and score."""
+    probs = outputs.get("probabilities")
+    if probs is None or probs.ndim != 2:
+        return []
+    names = outputs.get("classes")
+    rows = []
+    for i, row in enumerate(probs):
+        entries = []
+        for rank, j in enumerate(np.argsort(row)[::-1][:top]):
+            label = labels[j] if labels and j < len(labels) else None
+            if label is None and rank == 0 and names is not None:
+                value = names[i]
+                label = value.decode() if isinstance(value, bytes) else str(value)
+            entries.append({"id": int(j), "label": label, "score": float(row[j])})
+        rows.append(entries)
+    return rows
+
+
 def _format_outputs(outputs: Outputs, labels: list[str] | None, top: int) -> str:
     lines = [f"model {outputs.model} version {outputs.version} (signature {outputs.signature})"]
-    probs = outputs.get("probabilities")
-    if probs is not None and probs.ndim == 2:
-        names = outputs.get("classes")
-        for i, row in enumerate(probs):
-            order = np.argsort(row)[::-1][:top]
-            best = names[i].decode() if names is not None else None
+    rows = top_classes(outputs, labels, top)
+    if rows:
+        unnamed = False
+        for i, entries in enumerate(rows):
             parts = []
-            for rank, j in enumerate(order):
-                name = (
-                    labels[j]
-                    if labels and j < len(labels)
-                    else (best if rank == 0 and best is not None else f"class {j}")
-                )
-                parts.append(f"{name}: {row[j]:.4f}")
+            for e in entries:
+                if e["label"] is None:
+                    unnamed = True
+                    parts.append(f"id {e['id']}: {e['score']:.4f}")
+                elif labels:
+                    parts.append(f"{e['label']}: {e['score']:.4f}")
+                else:
+                    parts.append(f"{e['label']} (id {e['id']}): {e['score']:.4f}")
             lines.append(f"[{i}] " + ", ".join(parts))
+        if unnamed:
+            lines.append("(the model names only its top class; --labels FILE names them all)")
         return "\n".join(lines)
     if "predictions" in outputs:
         for i, v in enumerate(np.atleast_1d(outputs["predictions"])):
@@ -810,6 +831,28 @@ def _format_outputs(outputs: Outputs, labels: list[str] | None, top: int) -> str
         shown = value.tolist() if value.size <= 20 else f"array of shape {list(value.shape)}"
         lines.append(f"{name} ({value.dtype}, {list(value.shape)}): {shown}")
     return "\n".join(lines)
+
+
+def _json_outputs(outputs: Outputs, labels: list[str] | None, top: int) -> str:
+    """The reply for scripts: every output as a list (strings decoded), plus ``top``."""
+
+    def plain(value: np.ndarray) -> Any:
+        if value.dtype == object:
+            return np.vectorize(
+                lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else v,
+                otypes=[object],
+            )(value).tolist()
+        return value.tolist()
+
+    return json.dumps(
+        {
+            "model": outputs.model,
+            "version": outputs.version,
+            "signature": outputs.signature,
+            "outputs": {k: plain(v) for k, v in outputs.items()},
+            "top": top_classes(outputs, labels, top),
+        }
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -848,6 +891,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--signature", default="serving_default")
     pr.add_argument("--labels", type=Path, help="class names, one per line (e.g. labels.txt)")
     pr.add_argument("--top", type=int, default=3, help="classes to show (default 3)")
+    pr.add_argument("--json", action="store_true", help="print the reply as one JSON object")
     sub.add_parser("status", parents=[common], help="versions and their states")
     sub.add_parser("metadata", parents=[common], help="signatures: inputs and outputs")
     return p
@@ -896,7 +940,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 inputs = load_input(args.input, found)
                 outputs = client.predict(inputs, signature=args.signature)
                 labels = args.labels.read_text().splitlines() if args.labels else None
-                print(_format_outputs(outputs, labels, args.top))
+                show = _json_outputs if args.json else _format_outputs
+                print(show(outputs, labels, args.top))
     except InvalidInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

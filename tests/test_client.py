@@ -4,6 +4,7 @@ TLS, round_robin, the codec (property-based) and wire compatibility with the off
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -384,7 +385,15 @@ def test_cli_predict_status_metadata(serve, digits_like, tmp_path, capsys):
     pixels = np.asarray(Image.open(png), dtype=np.float32)
     np.save(tmp_path / "x.npy", pixels[..., None])
     assert main(["predict", *target, "--input", str(tmp_path / "x.npy")]) == 0
-    assert "[0] b:" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    # Without --labels only the top class has a name (the model's `classes` output); every
+    # entry still says its id, in one form, and the CLI says how to name them all.
+    assert lines[1].startswith("[0] b (id 1): ") and ", id 0: " in lines[1]
+    assert "--labels FILE" in lines[2]
+    assert main(["predict", *target, "--input", str(tmp_path / "x.npy"), "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert (reply["model"], reply["version"], reply["outputs"]["classes"]) == ("shapes", 1, ["b"])
+    assert [e["id"] for e in reply["top"][0]] == [1, 0] and reply["top"][0][0]["label"] == "b"
     (tmp_path / "x.json").write_text('{"instances": [' + str(pixels[..., None].tolist()) + "]}")
     assert main(["predict", *target, "--input", str(tmp_path / "x.json"), "--top", "1"]) == 0
     assert main(["status", *target]) == 0

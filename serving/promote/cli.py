@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import artifacts as A
+from pipeline import console
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config, ConfigError, load_config
 from serving import audit as trail
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "promote":
             cfg = load_config(args.config, args.overrides)
+            console.quiet_tensorflow()  # the gates load models: no C++ start-up notices
             return promote(args, cfg)
         if command == "status":
             return status(args)

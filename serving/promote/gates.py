@@ -37,10 +37,12 @@ class Gate:
     summary: str
     numbers: dict[str, Any] = field(default_factory=dict)
     needed: str = ""
+    seconds: float | None = None
 
     def line(self) -> str:
         mark = "PASS" if self.passed else ("SKIP" if self.numbers.get("skipped") else "FAIL")
-        text = f"[{mark}] {self.name}: {self.summary}"
+        took = f" ({self.seconds:.1f}s)" if self.seconds is not None else ""
+        text = f"[{mark}] {self.name}{took}: {self.summary}"
         return text + (
             f"\n         needed: {self.needed}" if self.needed and not self.passed else ""
         )
@@ -341,6 +343,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _timed(gate: Any, *args: Any) -> Gate:
+    start = time.monotonic()
+    result: Gate = gate(*args)
+    result.seconds = round(time.monotonic() - start, 2)
+    return result
+
+
 def run_gates(
     paths: Paths, candidate: Path, version: int, cfg: Config, args: argparse.Namespace
 ) -> list[Gate]:
@@ -349,16 +358,18 @@ def run_gates(
     stable = paths.model_dir / str(labels[STABLE]) if STABLE in labels else None
     if stable is not None and not stable.is_dir():
         raise PromotionError(f"{stable}: production's stable version is missing on disk")
-    gates = [gate_integrity(candidate, cfg.promote)]
+    gates = [_timed(gate_integrity, candidate, cfg.promote)]
     if not gates[0].passed:
         # A SavedModel is a program: never load one whose files do not verify.
         for name in ("quality", "compatibility", "infra"):
             gates.append(Gate(name, False, "skipped: integrity failed", {"skipped": True}))
     else:
         data = load_eval_data(cfg.promote, candidate, cfg.artifacts)
-        gates.append(gate_quality(candidate, stable, data, cfg.promote))
-        gates.append(gate_compatibility(candidate, stable, args.allow_signature_break))
-        gates.append(gate_infra(candidate, paths.model, version, data, cfg.promote, args.runtime))
+        gates.append(_timed(gate_quality, candidate, stable, data, cfg.promote))
+        gates.append(_timed(gate_compatibility, candidate, stable, args.allow_signature_break))
+        gates.append(
+            _timed(gate_infra, candidate, paths.model, version, data, cfg.promote, args.runtime)
+        )
     record, problem = approval_record(args)
     if args.dry_run:
         gates.append(
