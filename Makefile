@@ -10,7 +10,7 @@ CONFIG ?= pipeline.toml
 ARGS   ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help venv data ingest tune train evaluate export run serve serve-docker promote protos test test-fast lint bench clean
+.PHONY: help venv data ingest tune train evaluate report export run serve serve-docker promote protos test test-fast lint bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ train: data/digits $(STAMP)  ## ingest → tune → train → evaluate
 
 evaluate: $(STAMP)  ## metrics, report and plots for the newest run
 	$(PY) -m pipeline evaluate --config $(CONFIG) $(ARGS)
+
+report: $(STAMP)  ## one self-contained HTML page for the newest run (RUN/report.html)
+	$(PY) -m pipeline report --config $(CONFIG) $(ARGS)
 
 export: $(STAMP)  ## publish the newest run's model as models/NAME/VERSION
 	$(PY) -m pipeline export --config $(CONFIG) $(ARGS)

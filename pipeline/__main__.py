@@ -1,4 +1,4 @@
-"""``python -m pipeline {sample-data,ingest,tune,train,evaluate,export,run,keygen}``."""
+"""``python -m pipeline {sample-data,ingest,tune,train,evaluate,export,run,report,keygen}``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import artifacts as A
 from pipeline import console
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config, ConfigError, load_config
@@ -57,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", parents=[common], help="train with the best (or default) hparams")
     sub.add_parser("evaluate", parents=[common], help="test-split metrics, report and plots")
     sub.add_parser("export", parents=[common], help="publish MODEL_BASE_PATH/NAME/VERSION/")
+    p = sub.add_parser(
+        "report", parents=[common], help="one self-contained HTML page for a run (report.html)"
+    )
+    p.add_argument(
+        "--audit",
+        default="production/audit.jsonl",
+        help="promotion audit log for the version's history (default %(default)s)",
+    )
+    p.add_argument("--out", help="where to write the page (default: RUN/report.html)")
     p = sub.add_parser(
         "keygen",
         parents=[common],
@@ -135,6 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"where models are exported), public key {public} (set promote.public_key to "
                 "it where promotions run)"
             )
+            return 0
+        if args.command == "report":
+            from pipeline.report import write_report
+
+            run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+            out = write_report(run_dir, Path(args.audit), Path(args.out) if args.out else None)
+            print(f"report: {out}")
             return 0
         console.quiet_tensorflow()
         if args.command == "run":

@@ -29,12 +29,16 @@ MODEL = "model.keras"
 HISTORY = "history.json"
 METRICS = "metrics.json"
 REPORT = "report.md"
+RUN_REPORT = "report.html"  # python -m pipeline report
+ERRORS = "errors.json"  # the test examples the model gets most wrong (evaluate)
+ERROR_GRID = "errors.png"  # and, for images, a picture of them
 EXPORTED = "exported.json"
 LATEST = "LATEST"  # in the artifacts root: the id of the newest successfully ingested run
 
 # Inside an exported version (models/NAME/VERSION/).
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 MODEL_CARD = "assets.extra/model_card.json"
+VERSION_REPORT = "assets.extra/report.html"  # the run's page (pipeline/report.py)
 MANIFEST = "assets.extra/MANIFEST.sha256"
 SIGNATURE = "assets.extra/MANIFEST.sha256.sig"  # optional, see pipeline/signing.py
 LABELS_FILE = "assets/labels.txt"

@@ -30,7 +30,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     spec = load_spec(run_dir)
     model = keras.models.load_model(A.require(run_dir / A.MODEL, "train"))
     test_ds = make_dataset(spec, "test", batch_size=256, cache=False)
-    _, y = to_numpy(test_ds)
+    x, y = to_numpy(test_ds)
     results = model.evaluate(test_ds, verbose=0, return_dict=True)
     raw = np.asarray(model.predict(test_ds, verbose=0))
     history = A.read_json(run_dir / A.HISTORY) if (run_dir / A.HISTORY).exists() else {}
@@ -48,6 +48,10 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         metrics.update(multiclass_metrics(y.astype(int), raw, spec))
     metrics["diagnosis"] = diagnose(history, spec)
     plots = make_plots(run_dir, spec, history, metrics, y, raw)
+    threshold = float(metrics.get("threshold", 0.5))
+    A.write_json(run_dir / A.ERRORS, worst_errors(spec, x, y, raw, threshold))
+    if spec.is_image:
+        plots += error_grid(run_dir, spec, x, y, raw, threshold)
     A.write_json(run_dir / A.METRICS, metrics)
     A.atomic_write_text(run_dir / A.REPORT, render_report(cfg, spec, metrics, plots))
     headline = {
@@ -86,6 +90,7 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, spec: DataSpec, cfg: Config
         precision_recall_curve,
         precision_recall_fscore_support,
         roc_auc_score,
+        roc_curve,
     )
 
     threshold, chosen_by = choose_threshold(
@@ -96,6 +101,8 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, spec: DataSpec, cfg: Config
     precision, recall, _ = (
         precision_recall_curve(y, score) if len(np.unique(y)) > 1 else ([], [], [])
     )
+    fpr, tpr = (roc_curve(y, score)[:2]) if len(np.unique(y)) > 1 else ([], [])
+    negatives = max(int((y == 0).sum()), 1)
     return {
         "accuracy": float((pred == y).mean()),
         "auc": float(roc_auc_score(y, score)) if len(np.unique(y)) > 1 else None,
@@ -111,6 +118,9 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, spec: DataSpec, cfg: Config
             "precision": [float(v) for v in precision],
             "recall": [float(v) for v in recall],
         },
+        "roc_curve": {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]},
+        # The chosen threshold's point on the ROC curve.
+        "false_positive_rate": float(((pred == 1) & (y == 0)).sum() / negatives),
     }
 
 
@@ -199,6 +209,101 @@ def diagnose(history: dict[str, list[float]], spec: DataSpec) -> dict[str, Any]:
     else:
         out.update(verdict="good fit", reason="train and validation losses are close")
     return out
+
+
+MAX_ERRORS = 16
+
+
+def _predictions(
+    spec: DataSpec, raw: np.ndarray, threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class ids or values, confidence of the prediction)."""
+    if spec.task == "regression":
+        pred = raw.reshape(-1)
+        return pred, np.zeros_like(pred)
+    if spec.task == "binary":
+        p = raw.reshape(-1)
+        pred = (p >= threshold).astype(int)
+        return pred, np.where(pred == 1, p, 1 - p)
+    return raw.argmax(axis=1), raw.max(axis=1)
+
+
+def _worst(
+    spec: DataSpec, y: np.ndarray, raw: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the worst test examples (confidently wrong, or largest error), the
+    predictions and their confidences."""
+    pred, confidence = _predictions(spec, raw, threshold)
+    if spec.task == "regression":
+        order = np.argsort(-np.abs(pred - y))
+    else:
+        wrong = np.flatnonzero(pred != y.astype(int))
+        order = wrong[np.argsort(-confidence[wrong])]
+    return order[:MAX_ERRORS], pred, confidence
+
+
+def worst_errors(
+    spec: DataSpec, x: dict[str, np.ndarray], y: np.ndarray, raw: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    """The test examples the model gets most wrong, with their (non-image) feature values."""
+    order, pred, confidence = _worst(spec, y, raw, threshold)
+    rows = []
+    for i in order:
+        row: dict[str, Any] = {"index": int(i)}
+        if spec.task == "regression":
+            row.update(true=float(y[i]), predicted=float(pred[i]), error=float(pred[i] - y[i]))
+        else:
+            row.update(
+                true=spec.classes[int(y[i])],
+                predicted=spec.classes[int(pred[i])],
+                confidence=float(confidence[i]),
+            )
+        features = {}
+        for name, values in x.items():
+            value = values[i]
+            if np.ndim(value) == 0:
+                features[name] = value.decode() if isinstance(value, bytes) else value.item()
+        row["features"] = features
+        rows.append(row)
+    return {"task": spec.task, "examples": rows}
+
+
+def error_grid(
+    run_dir: Path,
+    spec: DataSpec,
+    x: dict[str, np.ndarray],
+    y: np.ndarray,
+    raw: np.ndarray,
+    threshold: float,
+) -> list[str]:
+    """A grid of the worst misclassified test images, true → predicted (confidence)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order, pred, confidence = _worst(spec, y, raw, threshold)
+    if not len(order):
+        return []
+    images = next(v for v in x.values() if v.ndim == 4)
+    cols = min(8, len(order))
+    rows = (len(order) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), order):
+        image = images[i]
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image / 255.0, cmap="gray")
+        ax.set_title(
+            f"{spec.classes[int(y[i])]}→{spec.classes[int(pred[i])]}\n{confidence[i]:.2f}",
+            fontsize=8,
+        )
+    fig.tight_layout()
+    tmp = run_dir / f".{A.ERROR_GRID}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(run_dir / A.ERROR_GRID)
+    return [A.ERROR_GRID]
 
 
 def make_plots(

@@ -94,7 +94,8 @@ def export(cfg: Config) -> Path | str:
     finally:
         lock.release()
     A.write_json(run_dir / A.EXPORTED, {"version": version, "path": str(final)})
-    print(f"export: {final} (version {version})")
+    A.atomic_write_text(run_dir / A.RUN_REPORT, (final / A.VERSION_REPORT).read_text())
+    print(f"export: {final} (version {version}); report: {run_dir / A.RUN_REPORT}")
     return final
 
 
@@ -168,7 +169,15 @@ def build_version(
     n = min(cfg.export.warmup_records, len(next(iter(x_test.values()))))
     write_warmup(out / WARMUP_FILE, cfg.model.name, {k: v[:n] for k, v in x_test.items()})
     check_parity(out, model, x_test, cfg)
-    A.write_json(out / MODEL_CARD, model_card(cfg, spec, metrics, version, signatures))
+    card = model_card(cfg, spec, metrics, version, signatures)
+    card["report"] = A.VERSION_REPORT
+    A.write_json(out / MODEL_CARD, card)
+    # The run's page travels with the version (lineage included): one file to open.
+    from pipeline.report import render
+
+    published = f"{cfg.export.model_base_path.rstrip('/')}/{cfg.model.name}/{version}"
+    page = render(spec.run_dir, exported={"path": published, "version": version}, card=card)
+    (out / A.VERSION_REPORT).write_text(page)
     write_manifest(out)
     if cfg.export.signing_key:
         from pipeline.signing import sign_manifest

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from serving.server.server import ModelServer
 
         server = ModelServer(options)
+        # Containers stop us with SIGTERM: stop accepting, let in-flight requests finish for up
+        # to --drain_grace_seconds, then exit. Installed before the ports open, so a SIGTERM
+        # that follows the first request is never the default (immediate) death.
+        signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
         try:
             server.start()
         except ServingError as e:
@@ -43,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as e:
         print(f"Failed to start server. Error: {e}", file=sys.stderr)
         return EXIT_START_FAILED
-    # Containers stop us with SIGTERM: stop accepting, let in-flight requests finish for up to
-    # --drain_grace_seconds, then exit.
-    signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     with contextlib.suppress(KeyboardInterrupt):
         server.wait()
     logging.getLogger("serving.server").info(
