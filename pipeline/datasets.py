@@ -193,7 +193,12 @@ def make_dataset(
         ds = ds.shuffle(
             min(shuffle_buffer, max(count, 1)), seed=seed, reshuffle_each_iteration=True
         )
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Under MultiWorkerMirroredStrategy every worker reads the split and keeps its share of the
+    # batches (DATA). FILE sharding fails outright with fewer shard files than workers, and
+    # shard files of unequal length would give workers unequal step counts.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def to_numpy(ds: tf.data.Dataset) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -60,6 +60,64 @@ def is_chief() -> bool:
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
 
 
+def _task_index() -> int:
+    return int(json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {}).get("index", 0))
+
+
+def _patch_keras_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Work around keras-team/keras#20329 (open): before the first step, Keras 3 builds the
+    model from one batch reduced with ``strategy.reduce`` over the *whole* input structure,
+    which MultiWorkerMirroredStrategy cannot do for a dict of features ("Attempt to convert a
+    value ({'image': PerReplica...}) ... unsupported type dict"). The build needs only the
+    batch's structure and shapes: give it this worker's own first batch (no collective, so
+    workers whose batches differ in length, as a short last batch does, cannot clash)."""
+    original = model._maybe_symbolic_build
+
+    def local(v: Any) -> Any:
+        if isinstance(v, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(v)[0]
+        return v
+
+    def build(iterator: Any = None, data_batch: Any = None) -> Any:
+        if iterator is not None and data_batch is None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(local, next(it))
+                break
+        return original(iterator=None, data_batch=data_batch)
+
+    model._maybe_symbolic_build = build
+    _reduce_scalar_logs_without_axis()
+
+
+def _reduce_scalar_logs_without_axis() -> None:
+    """Work around keras-team/keras#20585 (open): under MultiWorkerMirroredStrategy, Keras 3
+    averages each step's logs with ``strategy.reduce("MEAN", v, axis=0)``, which fails on the
+    scalar loss and metrics ("Invalid reduction dimension 0 for input with 0 dimensions").
+    Scalars are averaged across replicas instead (axis None); everything else is Keras' own."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "scalar_safe", False):
+        return
+
+    def reduce_per_replica(values: Any, strategy: Any, reduction: str = "auto") -> Any:
+        def scalar(v: Any) -> bool:
+            # One replica per worker (CPU) gives plain tensors, several give PerReplica.
+            parts = (
+                strategy.experimental_local_results(v)
+                if isinstance(v, tf.distribute.DistributedValues)
+                else [v]
+            )
+            return all(getattr(t, "shape", None) is not None and t.shape.rank == 0 for t in parts)
+
+        if reduction in ("auto", "mean") and all(scalar(v) for v in tf.nest.flatten(values)):
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica.scalar_safe = True  # type: ignore[attr-defined]
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
 def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
     """Train, save ``model.keras`` and ``history.json``; return the model's path."""
     run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
@@ -69,6 +127,8 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
     strategy = distribution_strategy()
     with strategy.scope():
         model = build_model(hp, spec, cfg)
+    if strategy.extended._in_multi_worker_mode():
+        _patch_keras_multi_worker(model, strategy)
     chief = is_chief()
     shown = {k: number(v) for k, v in hp.values.items() if not k.startswith("tuner/")}
     log.info("training %s with %s hyperparameters %s", model.name, origin, shown)
@@ -83,7 +143,10 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
     )
     val_ds = make_dataset(spec, "val", **batch)
     verbose = 0  # epoch_callback prints one line per epoch with its ETA
-    backup = run_dir / A.CHECKPOINTS / "backup"
+    # One backup directory per worker (Keras 3's BackupAndRestore has no multi-worker
+    # awareness: workers sharing one would overwrite each other's files mid-write). The
+    # weights are identical on every worker, so each restores its own copy after a restart.
+    backup = run_dir / A.CHECKPOINTS / ("backup" if chief else f"backup-worker-{_task_index()}")
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.BackupAndRestore(str(backup)),
         keras.callbacks.EarlyStopping(

@@ -60,8 +60,10 @@ def make_tuner(cfg: Config, spec: DataSpec, directory: Path, deadline: float) ->
 
     class BudgetedTuner(base):  # type: ignore[valid-type,misc]
         def pre_create_trial(self) -> None:
-            # The oracle stops handing out trials once len(trials) >= max_trials.
-            if time.monotonic() >= deadline:
+            # The oracle stops handing out trials once len(trials) >= max_trials. A
+            # distributed worker holds only a client of the chief's oracle: the chief
+            # enforces the deadline there (enforce_deadline).
+            if not _is_worker() and time.monotonic() >= deadline:
                 self.oracle.max_trials = max(len(self.oracle.trials), 1)
             super().pre_create_trial()
 
@@ -125,15 +127,22 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
         cfg.tune.max_epochs,
         cfg.tune.time_limit_s,
     )
+    if _is_worker():
+        return _work_for_chief(tuner, train_ds, val_ds, cfg, callbacks, run_dir)
+    if os.environ.get("KERASTUNER_TUNER_ID") == "chief":
+        # The chief only serves the oracle; it ends when every worker has been told to stop,
+        # or a grace after the deadline whatever the workers do (a killed worker never asks).
+        serve_oracle(tuner, deadline, grace=max(30.0, cfg.tune.time_limit_s * 0.25))
     try:
-        tuner.search(
-            train_ds,
-            validation_data=val_ds,
-            epochs=cfg.tune.max_epochs,
-            shuffle=False,  # the dataset shuffles itself
-            callbacks=callbacks,
-            verbose=0,  # one line per trial instead (trial_progress)
-        )
+        if os.environ.get("KERASTUNER_TUNER_ID") != "chief":
+            tuner.search(
+                train_ds,
+                validation_data=val_ds,
+                epochs=cfg.tune.max_epochs,
+                shuffle=False,  # the dataset shuffles itself
+                callbacks=callbacks,
+                verbose=0,  # one line per trial instead (trial_progress)
+            )
     except RuntimeError as e:
         if "consecutive failures" in str(e):
             raise PipelineError(
@@ -142,10 +151,6 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
                 + "\n".join(str(e).splitlines()[:3])
             ) from e
         raise
-    if os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief":
-        # A distributed-search worker: the chief's oracle holds the results and writes them.
-        print(f"tune: worker {os.environ['KERASTUNER_TUNER_ID']} done")
-        return run_dir / A.HPARAMS
     trials = summarize(tuner)
     completed = [t for t in trials if t["status"] == "COMPLETED" and t["score"] is not None]
     if not completed:
@@ -168,6 +173,79 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
     )
     print_summary(trials, objective, best.values)
     return path
+
+
+def _is_worker() -> bool:
+    """A worker of a distributed search (KERASTUNER_TUNER_ID set, not the chief)."""
+    return os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief"
+
+
+def _work_for_chief(
+    tuner: kt.Tuner, train_ds: Any, val_ds: Any, cfg: Config, callbacks: list[Any], run_dir: Path
+) -> Path:
+    """Run the trials the chief hands out until it says stop (exit 0), or until it is gone:
+    a chief that ended at its deadline is a finished search, not a failure."""
+    import grpc
+
+    name = os.environ["KERASTUNER_TUNER_ID"]
+    try:
+        tuner.search(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.tune.max_epochs,
+            shuffle=False,
+            callbacks=callbacks,
+            verbose=0,
+        )
+    except grpc.RpcError as e:
+        if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            raise
+        say(f"tune: worker {name}: the chief's oracle is gone ({e.code().name}); stopping")
+    print(f"tune: worker {name} done")
+    return run_dir / A.HPARAMS
+
+
+def serve_oracle(tuner: kt.Tuner, deadline: float, grace: float) -> None:
+    """The chief's side of a distributed search: keras-tuner's oracle service, with the
+    deadline enforced on every worker's trial request, and an end that does not wait for
+    workers that died (keras-tuner's own loop waits for each to ask once more, forever)."""
+    from concurrent import futures
+
+    import grpc
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+
+    oracle = tuner.oracle
+    oracle.verbose = 0  # keras-tuner's per-trial tables; the workers print one line each
+    create_trial = oracle.create_trial
+
+    def create_trial_within_budget(tuner_id: str) -> Any:
+        if time.monotonic() >= deadline:
+            oracle.max_trials = max(len(oracle.trials), 1)
+        return create_trial(tuner_id)
+
+    oracle.create_trial = create_trial_within_budget
+    tuner.save()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = oracle_chief.OracleServicer(oracle)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    if not server.add_insecure_port(address):
+        raise PipelineError(f"tune: the chief cannot listen on {address}")
+    server.start()
+    say(f"tune: chief serving the oracle on {address}")
+    try:
+        while True:
+            time.sleep(0.5)
+            if servicer.stop_triggered and oracle_chief.exit_chief(oracle):
+                break
+            if time.monotonic() >= deadline + grace:
+                say(f"tune: chief: {len(oracle.tuner_ids)} worker(s) silent past the deadline")
+                break
+    finally:
+        server.stop(grace=2)
+        oracle.create_trial = create_trial
+        oracle.max_trials = max(len(oracle.trials), 1)  # the chief's own search ends at once
 
 
 def summarize(tuner: kt.Tuner) -> list[dict[str, Any]]:
@@ -201,17 +279,23 @@ def _hp(values: dict[str, Any]) -> str:
 
 
 def trial_progress(tuner: kt.Tuner, max_trials: int, start: float, budget: float) -> None:
-    """One line per finished trial: i/N, its score, the best so far, elapsed/budget."""
+    """One line per finished trial: its number, score, the best so far, elapsed/budget.
+
+    Works on a distributed worker too: the best comes from the chief's oracle.
+    """
     finished = tuner.on_trial_end
     objective = tuner.oracle.objective
 
     def on_trial_end(trial: Any) -> None:
         finished(trial)
-        done = [t for t in tuner.oracle.trials.values() if t.score is not None]
-        best = (min if objective.direction == "min" else max)((t.score for t in done), default=None)
+        if _is_worker():  # the chief's oracle holds the score
+            trial = tuner.oracle.get_trial(trial.trial_id)
+        best_trials = tuner.oracle.get_best_trials(1)
+        best = best_trials[0].score if best_trials else None
         score = "failed" if trial.score is None else number(float(trial.score))
+        who = "" if not _is_worker() else f" (worker {os.environ['KERASTUNER_TUNER_ID']})"
         say(
-            f"tune: trial {len(tuner.oracle.trials)}/{max_trials} {objective.name}={score} "
+            f"tune: trial {int(trial.trial_id) + 1}/{max_trials}{who} {objective.name}={score} "
             f"best={number(best) if best is not None else '-'} "
             f"({duration(time.monotonic() - start)} of {duration(budget)})"
         )

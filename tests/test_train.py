@@ -336,42 +336,69 @@ def test_threshold_for_target_precision_and_recall():
     assert choose_threshold(y, s, 0.0, 0.0) == (0.5, "default")
 
 
-def test_multi_worker_training_under_tf_config(tmp_path):
-    """A one-worker TF_CONFIG cluster: MultiWorkerMirroredStrategy builds, trains and saves."""
+@pytest.mark.slow
+def test_two_workers_train_like_one(tmp_path):
+    """Two real worker processes on loopback, started as k8s/jobs/training.yaml starts them
+    (TF_CONFIG, MultiWorkerMirroredStrategy, dict features): both finish, only the chief
+    writes, each worker kept its own backup directory, and the chief's model scores within
+    0.1 accuracy of the same training on one worker (same data, epochs, global batch)."""
     import os
     import subprocess
     import sys
 
     from tests.conftest import free_port
 
-    root = make_images(tmp_path / "imgs", per_class=8)
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(300))
     (tmp_path / "c.toml").write_text("")
-    sets = [f'artifacts="{tmp_path / "art"}"', f'data.source="{root}"', "train.epochs=1"]
-    args = [a for s in sets for a in ("--set", s)]
+    sets = [
+        f'artifacts="{tmp_path / "art"}"',
+        f'data.source="{data}"',
+        'model.task="binary"',
+        "train.epochs=8",
+        "train.batch_size=32",
+    ]
+    args = ["--config", str(tmp_path / "c.toml"), *(a for s in sets for a in ("--set", s))]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    subprocess.run(
-        [sys.executable, "-m", "pipeline", "ingest", "--config", str(tmp_path / "c.toml"), *args],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
-    tf_config = json.dumps(
-        {
-            "cluster": {"worker": [f"127.0.0.1:{free_port()}"]},
-            "task": {"type": "worker", "index": 0},
-        }
-    )
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "c.toml"), *args],
-        env=dict(env, TF_CONFIG=tf_config),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "MultiWorkerMirroredStrategy" in out.stderr or "model.keras" in out.stdout
-    run = (tmp_path / "art" / "LATEST").read_text().strip()
-    assert (tmp_path / "art" / run / "model.keras").exists()
+
+    def pipeline(*command, extra_env=None):
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *command, *args],
+            env=dict(env, **(extra_env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    assert pipeline("ingest").wait(timeout=300) == 0
+    run = tmp_path / "art" / (tmp_path / "art" / "LATEST").read_text().strip()
+    single = pipeline("train")
+    single_out = single.communicate(timeout=300)[0]
+    assert single.returncode == 0, single_out[-3000:]
+    assert pipeline("evaluate").wait(timeout=300) == 0
+    single_accuracy = json.loads((run / "metrics.json").read_text())["accuracy"]
+    (run / "model.keras").unlink()
+
+    hosts = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    workers = [
+        pipeline(
+            "train",
+            extra_env={
+                "TF_CONFIG": json.dumps(
+                    {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
+                )
+            },
+        )
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for w, out in zip(workers, outputs):
+        assert w.returncode == 0, out[-3000:]
+    assert "the chief saves the model" in outputs[1]
+    assert (run / "model.keras").exists()
+    assert pipeline("evaluate").wait(timeout=300) == 0
+    two_accuracy = json.loads((run / "metrics.json").read_text())["accuracy"]
+    assert single_accuracy > 0.8
+    assert abs(two_accuracy - single_accuracy) <= 0.1, (single_accuracy, two_accuracy)
 
 
 def test_is_chief_follows_tf_config(monkeypatch):
@@ -388,3 +415,59 @@ def test_is_chief_follows_tf_config(monkeypatch):
         '{"cluster": {"chief": ["c"], "worker": ["a"]}, "task": {"type": "worker", "index": 0}}',
     )
     assert not is_chief()
+
+
+@pytest.mark.slow
+def test_distributed_tuning_ends_cleanly_at_a_5_second_limit(tmp_path):
+    """A chief and two workers on loopback with the env of k8s/jobs/tuning.yaml and a 5 s
+    budget: every process exits 0 soon after the limit and the chief writes hparams.json."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(120))
+    (tmp_path / "c.toml").write_text("")
+    sets = [
+        f'artifacts="{tmp_path / "art"}"',
+        f'data.source="{data}"',
+        "tune.time_limit_s=5",
+        "tune.max_trials=100",
+        "tune.max_epochs=3",
+    ]
+    args = ["--config", str(tmp_path / "c.toml"), *(a for s in sets for a in ("--set", s))]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", "ingest", *args], env=env, capture_output=True
+        ).returncode
+        == 0
+    )
+    oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
+
+    def tuner(name):
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "tune", *args],
+            env=dict(env, KERASTUNER_TUNER_ID=name, **oracle),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    start = time.monotonic()
+    chief = tuner("chief")
+    time.sleep(2)
+    workers = [tuner(f"tuner{i}") for i in range(2)]
+    outputs = {p: p.communicate(timeout=300)[0] for p in (chief, *workers)}
+    elapsed = time.monotonic() - start
+    for process, out in outputs.items():
+        assert process.returncode == 0, out[-3000:]
+    for worker in workers:
+        assert "done" in outputs[worker]
+    run = tmp_path / "art" / (tmp_path / "art" / "LATEST").read_text().strip()
+    assert json.loads((run / "hparams.json").read_text())["values"]
+    summary = json.loads((run / "tuning.json").read_text())
+    assert summary["trials"] and len(summary["trials"]) < 100  # the clock, not the count
+    assert elapsed < 120, elapsed
