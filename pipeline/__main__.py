@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,6 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; expected {STAGES}")
             if args.skip_tune or not cfg.tune.enabled:
                 stages = [s for s in stages if s != "tune"]
+            if not cfg.run_id:
+                # The run owns its run id from the first stage to the last: an ingest started
+                # beside it (which moves artifacts/LATEST) cannot redirect its later stages.
+                run_id = (
+                    A.new_run_id()
+                    if "ingest" in stages
+                    else A.resolve_run_dir(cfg.artifacts, "").name
+                )
+                cfg = dataclasses.replace(cfg, run_id=run_id)
         else:
             stages = [args.command]
         for stage in stages:

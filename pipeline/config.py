@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -311,8 +312,12 @@ class Config:
     promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     def __post_init__(self) -> None:
-        if self.run_id and not all(c.isalnum() or c in "-_." for c in self.run_id):
-            raise ConfigError(f"run_id: {self.run_id!r} may use only letters, digits, - _ .")
+        # A plain directory name under artifacts/: never "..", a path or a hidden name.
+        if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_id):
+            raise ConfigError(
+                f"run_id: {self.run_id!r} must be a plain name: letters, digits, - _ . "
+                "(starting with a letter or digit)"
+            )
 
     @property
     def schema_path(self) -> Path:

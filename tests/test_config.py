@@ -49,6 +49,9 @@ def test_overrides_are_typed_and_win(tmp_path):
         ("[tune]\nenabled = 'yes'\n", "tune.enabled"),
         ("bogus = 1\n", "bogus"),
         ("[evaluate]\ntarget_precision = 0.9\ntarget_recall = 0.9\n", "evaluate"),
+        ("run_id = '..'\n", "run_id"),
+        ("run_id = '../elsewhere'\n", "run_id"),
+        ("run_id = '.hidden'\n", "run_id"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, text, key):
@@ -86,3 +89,29 @@ def test_model_name_defaults_to_the_data_source(tmp_path):
     assert _load(tmp_path, "", 'data.source="data/My Churn.v2.csv"').model.name == "My-Churn"
     assert _load(tmp_path, "", 'data.source="/x/hotdogs/"').model.name == "hotdogs"
     assert _load(tmp_path, "", "model.name=keep").model.name == "keep"
+
+
+def test_run_keeps_its_own_run_id_when_latest_moves(tmp_path, monkeypatch):
+    """`run` pins its run id at the start: an ingest beside it (which moves LATEST) does not
+    redirect its later stages."""
+    import pipeline.__main__ as cli
+
+    seen = []
+
+    def fake_stage(stage, cfg):
+        seen.append((stage, cfg.run_id))
+        # Another ingest lands while this run is between stages.
+        (tmp_path / "art" / "someone-else").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "art" / "LATEST").write_text("someone-else\n")
+
+    monkeypatch.setattr(cli, "run_stage", fake_stage)
+    monkeypatch.setattr(cli.console, "quiet_tensorflow", lambda: None)
+    (tmp_path / "c.toml").write_text("")
+    argv = ["run", "--config", str(tmp_path / "c.toml"), "--set", f'artifacts="{tmp_path / "art"}"']
+    assert cli.main([*argv, "--stages", "ingest,train,evaluate"]) == 0
+    ids = {run_id for _, run_id in seen}
+    assert len(ids) == 1 and "someone-else" not in ids
+    seen.clear()
+    # Without ingest, the run takes LATEST once, at the start.
+    assert cli.main([*argv, "--stages", "train,evaluate"]) == 0
+    assert [run_id for _, run_id in seen] == ["someone-else", "someone-else"]
