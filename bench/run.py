@@ -13,6 +13,7 @@ SCRIPTS = [
     "train_export.py",
     "server_latency.py",
     "client.py",
+    "right_answers.py",
 ]
 
 if __name__ == "__main__":

@@ -250,6 +250,9 @@ class ExportConfig:
     # "sequence" (1, 2, 3…) or "timestamp" (Unix seconds: no collisions between CI runners
     # that export into one store without seeing each other's versions).
     version_scheme: str = "sequence"
+    # Export refuses a model that does not beat the trivial baseline (majority class, or the
+    # train mean) on the test split; true publishes it anyway (recorded in the model card).
+    allow_below_baseline: bool = False
 
     def __post_init__(self) -> None:
         if self.version_scheme not in ("sequence", "timestamp"):

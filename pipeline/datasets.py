@@ -6,6 +6,7 @@ per record), cached in memory when the split fits, shuffled with a fixed seed an
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class DataSpec:
     train_stats: dict[str, Any]
     examples: dict[str, int]
     compression: str
+    label_stats: dict[str, Any] = dataclasses.field(default_factory=dict)  # train split
 
     @property
     def is_image(self) -> bool:
@@ -84,6 +86,7 @@ def load_spec(run_dir: Path) -> DataSpec:
         classes=classes,
         features=features,
         train_stats=stats["train"]["features"],
+        label_stats=stats["train"]["label"],
         examples=ingest["examples"],
         compression=ingest["config"]["data"]["compression"],
     )

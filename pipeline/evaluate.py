@@ -46,7 +46,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         metrics.update(binary_metrics(y.astype(int), raw.reshape(-1), spec, cfg))
     else:
         metrics.update(multiclass_metrics(y.astype(int), raw, spec))
+    metrics["baselines"] = baselines(spec, x, y)
     metrics["diagnosis"] = diagnose(history, spec)
+    judge_against_baselines(metrics)
     plots = make_plots(run_dir, spec, history, metrics, y, raw)
     threshold = float(metrics.get("threshold", 0.5))
     A.write_json(run_dir / A.ERRORS, worst_errors(spec, x, y, raw, threshold))
@@ -209,6 +211,108 @@ def diagnose(history: dict[str, list[float]], spec: DataSpec) -> dict[str, Any]:
     else:
         out.update(verdict="good fit", reason="train and validation losses are close")
     return out
+
+
+# A linear reference is fitted only on inputs up to this many columns (a 224x224 RGB image
+# has 150k: the trivial baseline still applies).
+MAX_LINEAR_COLUMNS = 5000
+
+
+def _design_matrix(
+    x: dict[str, np.ndarray], vocab: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """Features → one numeric matrix (strings one-hot over the train vocabulary ``vocab``),
+    or None when it would be too wide for a linear reference."""
+    vocab = dict(vocab or {})
+    columns = []
+    for name in sorted(x):
+        values = x[name]
+        if values.dtype == object:
+            if name not in vocab:
+                vocab[name] = np.unique(values.astype(str))
+            columns.append((values.astype(str)[:, None] == vocab[name][None, :]).astype(float))
+        else:
+            columns.append(values.reshape(len(values), -1).astype(float))
+    if sum(c.shape[1] for c in columns) > MAX_LINEAR_COLUMNS:
+        return None, vocab
+    return np.concatenate(columns, axis=1), vocab
+
+
+def baselines(spec: DataSpec, x_test: dict[str, np.ndarray], y_test: np.ndarray) -> dict[str, Any]:
+    """What the model must beat, fitted on the same train split and scored on the same test
+    split: the trivial baseline (the train split's majority class or mean) and a linear model
+    (logistic or ridge regression on standardized features)."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train = to_numpy(make_dataset(spec, "train", batch_size=512, cache=False))
+    out: dict[str, Any] = {}
+    if spec.task == "regression":
+        mean = float(np.mean(y_train))
+        out["trivial"] = {
+            "rule": "predict the train mean",
+            **regression_metrics(y_test, np.full(len(y_test), mean)),
+        }
+    else:
+        majority = int(np.bincount(y_train.astype(int)).argmax())
+        out["trivial"] = {
+            "rule": f"always {spec.classes[majority]!r} (the train majority)",
+            "accuracy": float(np.mean(y_test.astype(int) == majority)),
+        }
+    train_matrix, vocab = _design_matrix(x_train)
+    if train_matrix is None:
+        out["linear"] = {"rule": "skipped: more than 5000 input columns"}
+        return out
+    test_matrix, _ = _design_matrix(x_test, vocab)
+    assert test_matrix is not None
+    if spec.task == "regression":
+        model = make_pipeline(SimpleImputer(), StandardScaler(), Ridge(alpha=1.0))
+        model.fit(train_matrix, y_train)
+        out["linear"] = {
+            "rule": "ridge regression",
+            **regression_metrics(y_test, model.predict(test_matrix)),
+        }
+    else:
+        model = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=2000))
+        model.fit(train_matrix, y_train.astype(int))
+        pred = model.predict(test_matrix)
+        out["linear"] = {
+            "rule": "logistic regression",
+            "accuracy": float(np.mean(pred == y_test.astype(int))),
+        }
+    return out
+
+
+def judge_against_baselines(metrics: dict[str, Any]) -> None:
+    """``beats_trivial`` and the diagnosis: a model that does not beat the trivial baseline
+    is reported as such (export refuses it), one well below the linear reference says so."""
+    key = "r2" if metrics["task"] == "regression" else "accuracy"
+    ours = metrics.get(key)
+    trivial = metrics["baselines"]["trivial"].get(key)
+    linear = metrics["baselines"].get("linear", {}).get(key)
+    if ours is None or trivial is None:
+        metrics["beats_trivial"] = True
+        return
+    if key == "accuracy":
+        metrics["beats_trivial"] = bool(ours > trivial)
+    else:  # at least 1% less RMSE than the mean: R² near 0 is not a model
+        metrics["beats_trivial"] = bool(
+            metrics["rmse"] < 0.99 * metrics["baselines"]["trivial"]["rmse"]
+        )
+    d = metrics["diagnosis"]
+    if not metrics["beats_trivial"]:
+        d["verdict"] = "worse than baseline"
+        d["reason"] = (
+            f"test {key} {ours:.4f} does not beat {metrics['baselines']['trivial']['rule']} "
+            f"({trivial:.4f}); export refuses it"
+        )
+    elif linear is not None and ours < linear - (0.02 if key == "accuracy" else 0.05):
+        d["reason"] += (
+            f"; a {metrics['baselines']['linear']['rule']} reaches {key} {linear:.4f} "
+            f"against {ours:.4f}: more epochs or tuning, or a simpler model"
+        )
 
 
 MAX_ERRORS = 16

@@ -60,6 +60,12 @@ def export(cfg: Config) -> Path | str:
     spec = load_spec(run_dir)
     model = keras.models.load_model(A.require(run_dir / A.MODEL, "train"))
     metrics = A.read_json(A.require(run_dir / A.METRICS, "evaluate"))
+    if metrics.get("beats_trivial") is False and not cfg.export.allow_below_baseline:
+        raise PipelineError(
+            f"export refused: {metrics['diagnosis']['reason'].split('; export')[0]} "
+            f"({run_dir / A.METRICS}). Fix the data or the model, or publish anyway with "
+            "--set export.allow_below_baseline=true"
+        )
     x_test, _ = to_numpy(make_dataset(spec, "test", batch_size=256, cache=False))
 
     if "://" in cfg.export.model_base_path:

@@ -71,7 +71,13 @@ def _head(spec: DataSpec, x: Any) -> Any:
         return keras.layers.Dense(spec.num_classes, activation="softmax", name="probabilities")(x)
     if spec.task == "binary":
         return keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
-    return keras.layers.Dense(1, name="prediction")(x)
+    # Regression: the network predicts the standardized target and a fixed rescaling returns
+    # the original units, so a target of scale 1e3 trains like one of scale 1 (a plain
+    # Dense(1) on an unscaled target barely moves from 0 and loses to predicting the mean).
+    mean = float(spec.label_stats.get("mean") or 0.0)
+    std = float(spec.label_stats.get("std") or 0.0) or 1.0
+    z = keras.layers.Dense(1, name="standardized_prediction")(x)
+    return keras.layers.Rescaling(scale=std, offset=mean, name="prediction")(z)
 
 
 def _image_input(spec: DataSpec) -> tuple[dict[str, Any], Any]:

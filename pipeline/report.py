@@ -295,6 +295,18 @@ def _evaluation(run_dir: Path, m: dict[str, Any] | None) -> str:
     ]
     rows = [[k, number(float(m[k]))] for k in keys if m.get(k) is not None]
     parts = [_table(["metric (test split)", "value"], rows)]
+    base = m.get("baselines") or {}
+    if base:
+        key = "r2" if m["task"] == "regression" else "accuracy"
+        compared = [["this model", number(m.get(key)) if m.get(key) is not None else "-"]]
+        for kind in ("trivial", "linear"):
+            entry = base.get(kind, {})
+            value = entry.get(key)
+            compared.append(
+                [f"{kind}: {entry.get('rule', '')}", number(value) if value is not None else "-"]
+            )
+        parts.append(f"<h3>Against the baselines (same train and test splits, {key})</h3>")
+        parts.append(_table(["model", key], compared))
     if "threshold_chosen_by" in m:
         parts.append(f"<p>Decision threshold chosen by: {_e(m['threshold_chosen_by'])}.</p>")
     charts = []
