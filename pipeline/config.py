@@ -114,6 +114,7 @@ class ValidationConfig:
         "type_change",
         "nan_inf",
         "unseen_label",
+        "absent_class",  # a retrain that lost a class must not reach production
     )
 
     def __post_init__(self) -> None:
@@ -279,8 +280,13 @@ class PromoteConfig:
     max_metrics: dict[str, float] = field(default_factory=dict)
     # How much worse than production's `stable` a metric may be (absolute difference).
     max_regression: float = 0.005
-    # A run directory whose test split is the golden set (default: the candidate's own run).
+    # A run directory whose test split is the golden set. Default: production's frozen
+    # evaluation set (PROD/evalsets/MODEL/), made once from the test split of the first
+    # promoted version's run and never the candidate's own split afterwards.
     eval_data: str = ""
+    # Every class of the evaluation set needs at least this recall (a model that forgot a
+    # class, or never saw one, fails the quality gate).
+    min_class_recall: float = 0.1
     eval_examples: int = 2000
     # Served vs in-process predictions: |served - local| <= parity_atol element-wise.
     parity_atol: float = 1e-4

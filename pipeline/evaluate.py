@@ -265,6 +265,9 @@ def baselines(spec: DataSpec, x_test: dict[str, np.ndarray], y_test: np.ndarray)
     if train_matrix is None:
         out["linear"] = {"rule": "skipped: more than 5000 input columns"}
         return out
+    if spec.task != "regression" and len(np.unique(y_train)) < 2:
+        out["linear"] = {"rule": "skipped: the train split has one class"}
+        return out
     test_matrix, _ = _design_matrix(x_test, vocab)
     assert test_matrix is not None
     if spec.task == "regression":

@@ -57,6 +57,21 @@ def repo(tmp_path_factory):
     train(bad)
     evaluate(bad)
     export(bad)
+    # v4: a retrain on data that lost class "b", forced past ingest's absent_class block and
+    # export's baseline check (it scores 1.0 on its own one-class test split).
+    one_class = tmp / "one-class"
+    shutil.copytree(root / "a", one_class / "a")
+    lost = replace(
+        cfg,
+        run_id="one-class",
+        data=replace(cfg.data, source=str(one_class)),
+        validation=replace(cfg.validation, blocking=("missing_column",)),
+        export=replace(cfg.export, allow_below_baseline=True),
+    )
+    ingest(lost)
+    train(lost)
+    evaluate(lost)
+    export(lost)
     return tmp, cfg, run_dir
 
 
@@ -549,3 +564,29 @@ def test_rollback_killed_at_any_step_completes_on_rerun(env, step, capsys):
     assert labels(prod) == {"stable": 1}
     state = json.loads((prod / "shapes" / "promotion.json").read_text())
     assert state["previous"] == 2 and "pending" not in state
+
+
+def test_a_one_class_retrain_fails_on_the_frozen_evaluation_set(env, capsys):
+    """Without a golden set, the first promotion freezes its test split into production;
+    later candidates are scored on that, never on their own split: v4 (trained without class
+    "b", 1.0 on its own test split) fails the per-class recall floor. A changed frozen set is
+    refused."""
+    prod, base, _ = env
+    i = next(k for k, arg in enumerate(base) if arg.startswith("promote.eval_data="))
+    base = base[: i - 1] + base[i + 1 :]  # no golden set
+    assert main(["shapes", "1", *base, *APPROVE]) == 0
+    out = capsys.readouterr().out
+    assert "frozen into production at this first promotion" in out
+    frozen = prod / "evalsets" / "shapes" / "v1"
+    assert (frozen / "data.npz").exists() and (frozen / "meta.json").exists()
+    assert main(["shapes", "4", *base, *APPROVE]) == 1
+    out = capsys.readouterr().out
+    assert "frozen evaluation set evalsets/shapes/v1" in out
+    assert "[FAIL] quality" in out and "recall below promote.min_class_recall" in out
+    assert "'b' (0.000)" in out
+    assert labels(prod) == {"stable": 1}
+    # The frozen set is fingerprinted: an edit is refused, not silently used.
+    data = frozen / "data.npz"
+    data.write_bytes(data.read_bytes() + b"\0")
+    assert main(["shapes", "2", *base, *APPROVE]) == 1
+    assert "frozen evaluation set was changed" in capsys.readouterr().err

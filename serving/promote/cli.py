@@ -17,6 +17,7 @@ from pipeline.artifacts import PipelineError
 from pipeline.config import Config, ConfigError, load_config
 from serving import audit as trail
 from serving.promote.approval import _approved_by, _operator
+from serving.promote.evaluation import freeze_eval_data
 from serving.promote.gates import run_gates
 from serving.promote.publish import _publisher, push
 from serving.promote.store import (
@@ -54,7 +55,7 @@ def promote(args: argparse.Namespace, cfg: Config) -> int:
         try:
             staged = stage(paths, args.version)
             record["manifest_sha256"] = manifest_digest(staged)
-            gates = run_gates(paths, staged, args.version, cfg, args)
+            gates, data = run_gates(paths, staged, args.version, cfg, args)
             record["gates"] = [asdict(g) for g in gates]
             approval = next(g for g in gates if g.name == "approval")
             record["approval"] = approval.numbers.get("record")
@@ -75,6 +76,10 @@ def promote(args: argparse.Namespace, cfg: Config) -> int:
                 result = push(paths, staged, args.version, label, pub, cfg.promote)
             finally:
                 pub.close()
+            if data is not None and data.freeze_from:
+                frozen = freeze_eval_data(paths.prod, args.model, data)
+                result["eval_set"] = str(frozen.relative_to(paths.prod))
+                print(f"froze the evaluation set of later promotions: {frozen}")
             record.update(outcome="promoted", result=result)
             print(
                 f"PROMOTED {args.model} v{args.version} as {label} (previous: "

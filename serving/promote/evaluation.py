@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,22 +22,43 @@ log = logging.getLogger(__name__)
 LOWER_IS_BETTER = {"rmse", "mae", "loss"}
 
 
+EVALSETS = "evalsets"  # PROD/evalsets/MODEL/vN/{data.npz,meta.json}
+
+
 @dataclass
 class EvalData:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray  # class names (classification) or values (regression)
     task: str
     source: str
+    # Set when this is the first promotion's test split, to be frozen into the store at push.
+    freeze_from: str = ""
 
 
-def load_eval_data(cfg: PromoteConfig, candidate: Path, artifacts: str) -> EvalData:
-    from pipeline.datasets import load_spec, make_dataset, to_numpy
-
+def load_eval_data(
+    cfg: PromoteConfig, candidate: Path, artifacts: str, prod: Path, model: str
+) -> EvalData:
+    """The data the gates score on: ``promote.eval_data`` (a golden run), else production's
+    frozen evaluation set, else (first promotion) the candidate's test split, frozen at push."""
+    if not cfg.eval_data:
+        frozen = frozen_eval_data(prod, model)
+        if frozen is not None:
+            return frozen
     card_path = candidate / A.MODEL_CARD
     if not card_path.exists():
         raise PromotionError(f"{card_path}: missing; was this version exported by the pipeline?")
     card = A.read_json(card_path)
     run_dir = Path(cfg.eval_data) if cfg.eval_data else Path(artifacts) / card["data"]["run_id"]
+    data = _test_split(run_dir, cfg.eval_examples)
+    if not cfg.eval_data:
+        data.freeze_from = str(run_dir)
+        data.source += "; frozen into production at this first promotion"
+    return data
+
+
+def _test_split(run_dir: Path, limit: int) -> EvalData:
+    from pipeline.datasets import load_spec, make_dataset, to_numpy
+
     if not (run_dir / A.SHARDS).is_dir():
         raise PromotionError(
             f"{run_dir}: no shards to evaluate on; set promote.eval_data to a run directory "
@@ -44,11 +66,82 @@ def load_eval_data(cfg: PromoteConfig, candidate: Path, artifacts: str) -> EvalD
         )
     spec = load_spec(run_dir)
     x, y = to_numpy(make_dataset(spec, "test", batch_size=256, cache=False))
-    n = min(cfg.eval_examples, len(y))
+    n = min(limit, len(y))
     x = {k: v[:n] for k, v in x.items()}
     y = y[:n]
     labels = np.array([spec.classes[int(i)] for i in y]) if spec.classes else y.astype(float)
     return EvalData(x, labels, spec.task, f"{run_dir} (test split, {n} examples)")
+
+
+def _evalset_dir(prod: Path, model: str) -> Path:
+    return prod / EVALSETS / model
+
+
+def frozen_eval_data(prod: Path, model: str) -> EvalData | None:
+    """Production's newest frozen evaluation set for ``model``, verified against its digest."""
+    import hashlib
+
+    root = _evalset_dir(prod, model)
+    versions = sorted(
+        (int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit()), reverse=True
+    )
+    if not versions:
+        return None
+    folder = root / f"v{versions[0]}"
+    meta = A.read_json(folder / "meta.json")
+    raw = (folder / "data.npz").read_bytes()
+    if hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+        raise PromotionError(
+            f"{folder}/data.npz: does not match the SHA-256 in meta.json; the frozen evaluation "
+            "set was changed"
+        )
+    with np.load(folder / "data.npz", allow_pickle=False) as npz:
+        inputs = {k[len("x/") :]: npz[k] for k in npz.files if k.startswith("x/")}
+        labels = npz["labels"]
+    source = (
+        f"frozen evaluation set {folder.relative_to(prod)} ({len(labels)} examples from run "
+        f"{meta['run']}, sha256 {meta['sha256'][:12]})"
+    )
+    return EvalData(inputs, labels, meta["task"], source)
+
+
+def freeze_eval_data(prod: Path, model: str, data: EvalData) -> Path:
+    """Write ``data`` as production's evaluation set v1 (atomically; never overwritten)."""
+    import hashlib
+    import io
+
+    folder = _evalset_dir(prod, model) / "v1"
+    if folder.exists():
+        return folder
+    buffer = io.BytesIO()
+    arrays = {f"x/{k}": (v.astype(str) if v.dtype == object else v) for k, v in data.inputs.items()}
+    labels = data.labels.astype(str) if data.labels.dtype == object else data.labels
+    np.savez_compressed(buffer, labels=labels, **arrays)  # type: ignore[arg-type]
+    raw = buffer.getvalue()
+    tmp = folder.with_name(f".v1-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "data.npz").write_bytes(raw)
+    A.write_json(
+        tmp / "meta.json",
+        {
+            "run": Path(data.freeze_from).name,
+            "task": data.task,
+            "examples": len(data.labels),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+        },
+    )
+    tmp.rename(folder)
+    return folder
+
+
+def class_recalls(version_dir: Path, data: EvalData) -> dict[str, float]:
+    """Recall of every class present in the evaluation data (0 for classes the model lacks)."""
+    if data.task == "regression":
+        return {}
+    out = predict_local(version_dir, data.inputs)
+    predicted = np.array([c.decode() if isinstance(c, bytes) else str(c) for c in out["classes"]])
+    truth = data.labels.astype(str)
+    return {str(c): float((predicted[truth == c] == c).mean()) for c in sorted(set(truth.tolist()))}
 
 
 @functools.lru_cache(maxsize=4)

@@ -21,6 +21,7 @@ from serving.promote.approval import approval_record
 from serving.promote.evaluation import (
     LOWER_IS_BETTER,
     EvalData,
+    class_recalls,
     load_eval_data,
     predict_local,
     score,
@@ -92,6 +93,16 @@ def gate_quality(candidate: Path, stable: Path | None, data: EvalData, cfg: Prom
     cand = score(candidate, data)
     numbers: dict[str, Any] = {"candidate": cand, "data": data.source}
     failures = []
+    recalls = class_recalls(candidate, data)
+    if recalls:
+        numbers["class_recall"] = recalls
+        low = {c: r for c, r in recalls.items() if r < cfg.min_class_recall}
+        if low:
+            failures.append(
+                "recall below promote.min_class_recall "
+                f"{cfg.min_class_recall} for class(es) "
+                + ", ".join(f"{c!r} ({r:.3f})" for c, r in sorted(low.items()))
+            )
     for name, bound in cfg.min_metrics.items():
         if name not in cand:
             failures.append(f"{name} not computed for this task")
@@ -130,13 +141,14 @@ def gate_quality(candidate: Path, stable: Path | None, data: EvalData, cfg: Prom
         return Gate(
             "quality",
             False,
-            "; ".join(failures),
+            "; ".join(failures) + f" (on {data.source})",
             numbers,
             "thresholds "
             + json.dumps({"min": cfg.min_metrics, "max": cfg.max_metrics})
+            + f", every class's recall >= {cfg.min_class_recall}"
             + f" and no regression beyond {cfg.max_regression}",
         )
-    return Gate("quality", True, f"{headline}; {comparison}", numbers)
+    return Gate("quality", True, f"{headline} on {data.source}; {comparison}", numbers)
 
 
 def _signatures(version_dir: Path) -> dict[str, Any]:
@@ -352,19 +364,21 @@ def _timed(gate: Any, *args: Any) -> Gate:
 
 def run_gates(
     paths: Paths, candidate: Path, version: int, cfg: Config, args: argparse.Namespace
-) -> list[Gate]:
-    """Every gate, on ``candidate`` (the staged copy, see :func:`stage`)."""
+) -> tuple[list[Gate], EvalData | None]:
+    """Every gate, on ``candidate`` (the staged copy, see :func:`stage`); and the evaluation
+    data they scored on (to be frozen into the store when this is the first promotion)."""
     labels = current_labels(paths)
     stable = paths.model_dir / str(labels[STABLE]) if STABLE in labels else None
     if stable is not None and not stable.is_dir():
         raise PromotionError(f"{stable}: production's stable version is missing on disk")
     gates = [_timed(gate_integrity, candidate, cfg.promote)]
+    data = None
     if not gates[0].passed:
         # A SavedModel is a program: never load one whose files do not verify.
         for name in ("quality", "compatibility", "infra"):
             gates.append(Gate(name, False, "skipped: integrity failed", {"skipped": True}))
     else:
-        data = load_eval_data(cfg.promote, candidate, cfg.artifacts)
+        data = load_eval_data(cfg.promote, candidate, cfg.artifacts, paths.prod, paths.model)
         gates.append(_timed(gate_quality, candidate, stable, data, cfg.promote))
         gates.append(_timed(gate_compatibility, candidate, stable, args.allow_signature_break))
         gates.append(
@@ -391,4 +405,4 @@ def run_gates(
                 {"record": record},
             )
         )
-    return gates
+    return gates, data
