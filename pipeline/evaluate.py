@@ -43,7 +43,15 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     if spec.task == "regression":
         metrics.update(regression_metrics(y, raw.reshape(-1)))
     elif spec.task == "binary":
-        metrics.update(binary_metrics(y.astype(int), raw.reshape(-1), spec, cfg))
+        validation = None
+        if spec.examples.get("val"):
+            val_ds = make_dataset(spec, "val", batch_size=256, cache=False)
+            _, y_val = to_numpy(val_ds)
+            validation = (
+                y_val.astype(int),
+                np.asarray(model.predict(val_ds, verbose=0)).reshape(-1),
+            )
+        metrics.update(binary_metrics(y.astype(int), raw.reshape(-1), spec, cfg, validation))
     else:
         metrics.update(multiclass_metrics(y.astype(int), raw, spec))
     metrics["baselines"] = baselines(spec, x, y)
@@ -86,7 +94,15 @@ def multiclass_metrics(y: np.ndarray, probs: np.ndarray, spec: DataSpec) -> dict
     }
 
 
-def binary_metrics(y: np.ndarray, score: np.ndarray, spec: DataSpec, cfg: Config) -> dict[str, Any]:
+def binary_metrics(
+    y: np.ndarray,
+    score: np.ndarray,
+    spec: DataSpec,
+    cfg: Config,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Test metrics at a threshold chosen on ``validation`` (labels, scores), never on the test
+    split it is then graded on (the test split only when there is no validation data)."""
     from sklearn.metrics import (
         confusion_matrix,
         precision_recall_curve,
@@ -95,9 +111,11 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, spec: DataSpec, cfg: Config
         roc_curve,
     )
 
+    y_val, score_val = validation if validation is not None and len(validation[0]) else (y, score)
     threshold, chosen_by = choose_threshold(
-        y, score, cfg.evaluate.target_precision, cfg.evaluate.target_recall
+        y_val, score_val, cfg.evaluate.target_precision, cfg.evaluate.target_recall
     )
+    chosen_by += " on the validation split" if validation is not None else " on the test split"
     pred = (score >= threshold).astype(int)
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
     precision, recall, _ = (
@@ -130,14 +148,19 @@ def choose_threshold(
     y: np.ndarray, score: np.ndarray, target_precision: float, target_recall: float
 ) -> tuple[float, str]:
     """The decision threshold for a target precision (highest recall that reaches it) or a
-    target recall (highest precision that keeps it); 0.5 when neither is set or reachable."""
+    target recall (highest precision that keeps it); with neither, the one with the best F1
+    (0.5 when there is only one class to look at)."""
     from sklearn.metrics import precision_recall_curve
 
-    if not (target_precision or target_recall) or len(np.unique(y)) < 2:
-        return 0.5, "default"
+    if len(np.unique(y)) < 2:
+        return 0.5, "default (one class)"
     precision, recall, thresholds = precision_recall_curve(y, score)
     # precision/recall have one more entry than thresholds (the end point recall=0).
     precision, recall = precision[:-1], recall[:-1]
+    if not (target_precision or target_recall):
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        best = int(np.argmax(f1))
+        return float(thresholds[best]), "best F1"
     if target_precision:
         ok = np.flatnonzero(precision >= target_precision)
         if not ok.size:

@@ -335,7 +335,9 @@ def test_threshold_for_target_precision_and_recall():
     assert t == pytest.approx(0.6) and "precision" in how  # first threshold with no false positive
     t, how = choose_threshold(y, s, 0.0, 1.0)
     assert t == pytest.approx(0.45)  # lowest positive score keeps recall 1 at best precision
-    assert choose_threshold(y, s, 0.0, 0.0) == (0.5, "default")
+    t, how = choose_threshold(y, s, 0.0, 0.0)
+    assert how == "best F1" and t == pytest.approx(0.45)  # F1 10/11 beats 0.6's 8/9
+    assert choose_threshold(np.ones(4), s[:4], 0.0, 0.0)[0] == 0.5
 
 
 @pytest.mark.slow
