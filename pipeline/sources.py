@@ -276,7 +276,11 @@ class CsvSource(Source):
         self.max_bad_fraction = cfg.max_bad_fraction
 
     def _reader(self) -> tuple[Any, list[str], Any]:
-        f = open(self.path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - returned
+        # surrogateescape: an invalid byte is kept as a lone surrogate and reported with the
+        # line it is on (a strict decoder fails on the whole read-ahead block, "line 1").
+        f = open(  # noqa: SIM115 - returned
+            self.path, newline="", encoding="utf-8-sig", errors="surrogateescape"
+        )
         reader = csv.reader(f, delimiter=self.delimiter)
         try:
             header = next(reader)
@@ -287,6 +291,17 @@ class CsvSource(Source):
             f.close()
             raise PipelineError(f"{self.path}: line 1: cannot read header: {e}") from e
         header = [h.strip() for h in header]
+        if any(_undecodable(h) for h in header):
+            f.close()
+            raise PipelineError(f"{self.path}: line 1: the header is not valid UTF-8")
+        if len(header) == 1:
+            guess = next((d for d in (";", "\t", "|") if d in header[0]), None)
+            if guess is not None:
+                f.close()
+                raise PipelineError(
+                    f"{self.path}: line 1: one column {header[0][:60]!r}: the file looks "
+                    f"{guess!r}-delimited; set data.csv_delimiter = {guess!r}"
+                )
         dupes = sorted({h for h in header if header.count(h) > 1})
         if dupes or "" in header:
             f.close()
@@ -319,10 +334,12 @@ class CsvSource(Source):
         lo = dict.fromkeys(header, math.inf)
         hi = dict.fromkeys(header, -math.inf)
         rows = 0
+        widths: set[int] = set()
         with f:
             try:
                 for row in reader:
-                    if not row or len(row) != len(header):
+                    if not row or len(row) != len(header) or any(_undecodable(v) for v in row):
+                        widths.add(len(row))
                         continue
                     rows += 1
                     for name, text in zip(header, row):
@@ -340,7 +357,16 @@ class CsvSource(Source):
             except (csv.Error, UnicodeDecodeError) as e:
                 raise PipelineError(f"{self.path}: line {reader.line_num}: {e}") from e
         if rows == 0:
-            raise PipelineError(f"{self.path}: no data rows after the header")
+            widths.discard(0)
+            raise PipelineError(
+                f"{self.path}: no data rows after the header"
+                + (
+                    f": every row has {sorted(widths)} fields, the header {len(header)}; "
+                    "check data.csv_delimiter"
+                    if widths
+                    else ""
+                )
+            )
         kinds: dict[str, str] = {}
         ranges: dict[str, tuple[float, float]] = {}
         for name in header:
@@ -375,6 +401,11 @@ class CsvSource(Source):
                     continue
                 if len(row) != len(header):
                     yield BadRecord(origin, f"expected {len(header)} fields, got {len(row)}")
+                    continue
+                broken = next((v for v in row if _undecodable(v)), None)
+                if broken is not None:
+                    byte = next(ord(c) - 0xDC00 for c in broken if "\udc80" <= c <= "\udcff")
+                    yield BadRecord(origin, f"not valid UTF-8 (byte 0x{byte:02x})")
                     continue
                 values = dict(zip(header, (v.strip() for v in row)))
                 features: dict[str, Any] = {}
@@ -682,3 +713,8 @@ def _looks_like_image(data: bytes) -> bool:
         or data[:2] == b"BM"
         or (data[:4] == b"GIF8")
     )
+
+
+def _undecodable(text: str) -> bool:
+    """Whether ``text`` holds a byte that was not UTF-8 (a surrogateescape surrogate)."""
+    return any("\udc80" <= c <= "\udcff" for c in text)

@@ -269,7 +269,19 @@ def test_missing_label_absent_class_and_imbalance(tmp_path):
     assert found["class_imbalance"][0].details["ratio"] > 10
     only_yes = [r for r in rows if r[3] == "yes"]
     path = write_csv(tmp_path / "yes.csv", HEADER, only_yes)
-    result = ingest(config(tmp_path, f'data.source="{path}"', "model.task=binary", "run_id=yes"))
+    # A retrain that lost a class is blocked by default...
+    with pytest.raises(IngestBlocked, match="absent_class"):
+        ingest(config(tmp_path, f'data.source="{path}"', "model.task=binary", "run_id=yes"))
+    # ...and reported with the missing class when the user lets it through.
+    result = ingest(
+        config(
+            tmp_path,
+            f'data.source="{path}"',
+            "model.task=binary",
+            "run_id=yes2",
+            'validation.blocking=["missing_column"]',
+        )
+    )
     assert kinds(result)["absent_class"][0].details["classes"] == ["no"]
 
 
@@ -318,6 +330,27 @@ def test_bad_csv_rows_name_the_line(tmp_path):
         (f"{path}:11", "expected 4 fields, got 3"),
         (f"{path}:21", "column 'x1': cannot parse 'abc' as a number"),
     }
+
+
+def test_csv_encoding_and_delimiter_errors_say_where_and_what(tmp_path):
+    rows = tabular_rows(200, seed=6)
+    path = write_csv(tmp_path / "latin.csv", HEADER, rows)
+    data = path.read_bytes().splitlines(keepends=True)
+    data[121] = data[121].replace(b"red", b"r\xe9d").replace(b"blue", b"bl\xe9e")
+    data[121] = data[121].replace(b"green", b"gr\xe9en")
+    path.write_bytes(b"".join(data))
+    result = ingest(config(tmp_path, f'data.source="{path}"', "model.task=binary"))
+    assert [(b["origin"], b["reason"]) for b in result.bad_records] == [
+        (f"{path}:122", "not valid UTF-8 (byte 0xe9)")
+    ]
+    semi = tmp_path / "semi.csv"
+    semi.write_text("x1;x2;color;label\n" + "\n".join(";".join(map(str, r)) for r in rows) + "\n")
+    with pytest.raises(PipelineError, match="looks ';'-delimited; set data.csv_delimiter"):
+        ingest(config(tmp_path / "semi", f'data.source="{semi}"'))
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("x1,x2,color,label\n" + "\n".join("1,2" for _ in rows) + "\n")
+    with pytest.raises(PipelineError, match=r"every row has \[2\] fields, the header 4"):
+        ingest(config(tmp_path / "ragged", f'data.source="{ragged}"'))
 
 
 def test_csv_header_errors(tmp_path):
