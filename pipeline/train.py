@@ -60,6 +60,27 @@ def is_chief() -> bool:
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
 
 
+def _backup_dir(run_dir: Path, hp: kt.HyperParameters, cfg: Config, chief: bool) -> Path:
+    """This training's BackupAndRestore directory, named after what it trains (the
+    hyperparameters and model settings): a backup left by a killed training of another
+    configuration (say, before a new tuning run) would not restore into this model, so it is
+    removed with a warning instead of crashing every rerun."""
+    import hashlib
+
+    what = json.dumps(
+        {"hp": hp.values, "model": repr(cfg.model), "seed": cfg.train.seed}, sort_keys=True
+    )
+    tag = hashlib.sha256(what.encode()).hexdigest()[:12]
+    name = f"backup-{tag}" + ("" if chief else f"-worker-{_task_index()}")
+    root = run_dir / A.CHECKPOINTS
+    if chief and root.is_dir():
+        for stale in root.glob("backup*"):
+            if not stale.name.startswith(f"backup-{tag}"):
+                log.warning("removing %s: a backup of a training with other hyperparameters", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+    return root / name
+
+
 def _task_index() -> int:
     return int(json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {}).get("index", 0))
 
@@ -146,7 +167,7 @@ def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = 
     # One backup directory per worker (Keras 3's BackupAndRestore has no multi-worker
     # awareness: workers sharing one would overwrite each other's files mid-write). The
     # weights are identical on every worker, so each restores its own copy after a restart.
-    backup = run_dir / A.CHECKPOINTS / ("backup" if chief else f"backup-worker-{_task_index()}")
+    backup = _backup_dir(run_dir, hp, cfg, chief)
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.BackupAndRestore(str(backup)),
         keras.callbacks.EarlyStopping(

@@ -262,12 +262,31 @@ def test_training_resumes_after_interruption(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, extra_callbacks=[_Interrupt()])
     run_dir = _run_dir(cfg)
-    assert (run_dir / "checkpoints" / "backup").exists()
+    assert len(list((run_dir / "checkpoints").glob("backup-*"))) == 1
     assert not (run_dir / "model.keras").exists()
     train(cfg)
     history = json.loads((run_dir / "history.json").read_text())
     assert len(history["loss"]) == 3  # epochs 3..5: the first two were restored, not redone
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_backup_of_other_hyperparameters_is_replaced_not_fatal(tmp_path, caplog):
+    """Killed training, then a tuning run that picked other hyperparameters: the rerun removes
+    the stale backup with a warning and trains from the start (it used to crash every rerun)."""
+    root = make_images(tmp_path / "imgs", per_class=10)
+    cfg = config(tmp_path, f'data.source="{root}"', "train.epochs=3", "train.patience=10")
+    ingest(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, extra_callbacks=[_Interrupt()])
+    run_dir = _run_dir(cfg)
+    (stale,) = (run_dir / "checkpoints").glob("backup-*")
+    hp = kt.HyperParameters()
+    hp.Fixed("filters", 16)
+    hp.Fixed("conv_blocks", 1)
+    (run_dir / "hparams.json").write_text(json.dumps(hp.get_config()))
+    train(cfg)
+    assert "a backup of a training with other hyperparameters" in caplog.text
+    assert len(json.loads((run_dir / "history.json").read_text())["loss"]) == 3
 
 
 def test_training_is_reproducible(tmp_path):
