@@ -37,6 +37,7 @@ ANOMALY_KINDS = (
     "absent_class",
     "class_imbalance",
     "drift",
+    "small_split",
 )
 
 

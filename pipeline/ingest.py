@@ -27,6 +27,8 @@ from pipeline.sources import BadRecord, Record, open_source
 from pipeline.statistics import SplitStats
 
 log = logging.getLogger(__name__)
+# A validation or test split smaller than this is reported (small_split).
+SMALL_SPLIT = 30
 
 SPLITS = ("train", "val", "test")
 MAX_LISTED_BAD = 1000
@@ -211,6 +213,18 @@ def ingest(cfg: Config) -> IngestResult:
                 anomalies.append(
                     Anomaly("empty_split", s, f"split {s!r} received no examples", True)
                 )
+            elif s != "train" and 0 < writers[s].count < SMALL_SPLIT:
+                small = Anomaly(
+                    "small_split",
+                    s,
+                    f"split {s!r} has only {writers[s].count} examples: its metrics (and "
+                    "early stopping, thresholds, gates that use it) mean little; more data or "
+                    "a larger data.split share",
+                    "small_split" in cfg.validation.blocking,
+                    {"count": writers[s].count},
+                )
+                log.warning("%s", small)
+                anomalies.append(small)
         report = {
             "anomalies": [a.to_json() for a in anomalies],
             "bad_records": bad,

@@ -414,3 +414,11 @@ def test_a_numeric_target_under_a_classification_task_is_caught(tmp_path):
     with pytest.raises(PipelineError, match="looks like a regression target"):
         ingest(config(tmp_path, f'data.source="{path}"'))
     assert not list((tmp_path / "artifacts").glob("*/shards"))  # nothing was published
+
+
+def test_a_tiny_validation_or_test_split_is_warned_about(tmp_path):
+    path = write_csv(tmp_path / "small.csv", HEADER, tabular_rows(60, seed=2))
+    result = ingest(config(tmp_path, f'data.source="{path}"', "model.task=binary"))
+    small = {a.feature: a for a in kinds(result)["small_split"]}
+    assert set(small) == {"val", "test"} and not any(a.blocking for a in small.values())
+    assert small["test"].details["count"] == result.counts["test"] < 30
