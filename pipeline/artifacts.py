@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,11 @@ TENSORBOARD = "tensorboard"
 MODEL = "model.keras"
 HISTORY = "history.json"
 METRICS = "metrics.json"
+# The headline keys of metrics.json, in the order reports show them (those a task computes).
+METRIC_KEYS = (
+    *("loss", "accuracy", "auc", "macro_f1", "precision", "recall", "f1", "threshold"),
+    *("mae", "rmse", "r2"),
+)
 REPORT = "report.md"
 RUN_REPORT = "report.html"  # python -m pipeline report
 ERRORS = "errors.json"  # the test examples the model gets most wrong (evaluate)
@@ -46,6 +52,17 @@ LABELS_FILE = "assets/labels.txt"
 
 class PipelineError(RuntimeError):
     """A stage cannot proceed; the message says what is wrong and where."""
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (lineage in model cards and audit records), None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def new_run_id() -> str:

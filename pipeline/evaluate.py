@@ -515,19 +515,7 @@ def render_report(cfg: Config, spec: DataSpec, m: dict[str, Any], plots: list[st
         "| metric | value |",
         "|---|---|",
     ]
-    for key in (
-        "loss",
-        "accuracy",
-        "auc",
-        "macro_f1",
-        "precision",
-        "recall",
-        "f1",
-        "threshold",
-        "mae",
-        "rmse",
-        "r2",
-    ):
+    for key in A.METRIC_KEYS:
         if m.get(key) is not None:
             lines.append(f"| {key} | {m[key]:.4f} |")
     if "threshold_chosen_by" in m:

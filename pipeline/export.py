@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -391,7 +390,7 @@ def model_card(
             }
             for name, fn in signatures.items()
         },
-        "git_commit": _git_commit(),
+        "git_commit": A.git_commit(),
         "libraries": {
             "python": platform.python_version(),
             "tensorflow": tf.__version__,
@@ -412,16 +411,6 @@ def _data_fingerprint(shards: Path) -> str:
     for path in sorted(shards.iterdir()):
         h.update(path.name.encode() + b"\0" + _sha256(path).encode())
     return h.hexdigest()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _sha256(path: Path) -> str:

@@ -280,20 +280,7 @@ def _evaluation(run_dir: Path, m: dict[str, Any] | None) -> str:
         return _section("Evaluation", "<p class=muted>Not evaluated yet.</p>")
     import matplotlib.pyplot as plt
 
-    keys = [
-        "loss",
-        "accuracy",
-        "auc",
-        "macro_f1",
-        "precision",
-        "recall",
-        "f1",
-        "threshold",
-        "mae",
-        "rmse",
-        "r2",
-    ]
-    rows = [[k, number(float(m[k]))] for k in keys if m.get(k) is not None]
+    rows = [[k, number(float(m[k]))] for k in A.METRIC_KEYS if m.get(k) is not None]
     parts = [_table(["metric (test split)", "value"], rows)]
     base = m.get("baselines") or {}
     if base:

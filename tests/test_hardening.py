@@ -284,15 +284,8 @@ def test_multi_inference_follows_tf_serving_rules(serve, tmp_path, library):
     assert "must access the same model name" in err.details()
 
 
-def _rss_mb(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
-
-
-@pytest.mark.slow
-def test_soak_large_bodies_give_their_memory_back(tmp_path, library):
-    """A bounded soak against a server process: 4 MiB JSON bodies, then small requests; the
-    server's RSS comes back down and its thread count stays flat."""
-    library.copy(tmp_path / "tiny", 1)
+def _server_process(base: Path, *flags: str, stderr: int = subprocess.DEVNULL):
+    """``python -m serving.server`` for model ``tiny`` at ``base``: (process, gRPC, REST port)."""
     port, rest = free_port(), free_port()
     proc = subprocess.Popen(
         [
@@ -302,23 +295,29 @@ def test_soak_large_bodies_give_their_memory_back(tmp_path, library):
             f"--port={port}",
             f"--rest_api_port={rest}",
             "--model_name=tiny",
-            f"--model_base_path={tmp_path / 'tiny'}",
+            f"--model_base_path={base}",
+            *flags,
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
     )
+    return proc, port, rest
+
+
+def _rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+@pytest.mark.slow
+def test_soak_large_bodies_give_their_memory_back(tmp_path, library):
+    """A bounded soak against a server process: 4 MiB JSON bodies, then small requests; the
+    server's RSS comes back down and its thread count stays flat."""
+    library.copy(tmp_path / "tiny", 1)
+    proc, port, rest = _server_process(tmp_path / "tiny")
     try:
-        conn_ok = False
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not conn_ok:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", rest, timeout=10)
-                conn.request("GET", "/v1/models/tiny")
-                conn_ok = conn.getresponse().status == 200
-            except OSError:
-                time.sleep(0.2)
-        assert conn_ok
+        grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=120)
         small = json.dumps({"instances": [[1.0, 2.0]]}).encode()
         big = json.dumps({"instances": [[1.0, 2.0]] * 300_000}).encode()  # ~4 MiB
 
@@ -357,24 +356,12 @@ def test_sigterm_drains_in_flight_grpc_and_rest_requests(tmp_path, library):
         "max_batch_size { value: 64 }\nbatch_timeout_micros { value: 2000000 }\n"
         "num_batch_threads { value: 1 }\n"
     )
-    port, rest = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving.server",
-            f"--port={port}",
-            f"--rest_api_port={rest}",
-            "--model_name=tiny",
-            f"--model_base_path={tmp_path / 'tiny'}",
-            "--enable_batching",
-            f"--batching_parameters_file={params}",
-            "--drain_grace_seconds=10",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
+    proc, port, rest = _server_process(
+        tmp_path / "tiny",
+        "--enable_batching",
+        f"--batching_parameters_file={params}",
+        "--drain_grace_seconds=10",
         stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

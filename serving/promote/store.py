@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,16 +95,6 @@ def manifest_digest(version_dir: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def fault_point(step: str) -> None:
     """Fault injection for the kill-at-each-step tests: PROMOTE_KILL_AT=step."""
     if os.environ.get("PROMOTE_KILL_AT") == step:
@@ -179,7 +168,7 @@ def attempt(prod: Path, wait_lock: float, record: dict[str, Any]) -> Iterator[di
     lock held by someone else (``lock busy``, recorded without the lock). A kill leaves the
     ``started`` record alone, which ``verify-audit`` reports as unfinished.
     """
-    record = dict(record, attempt=uuid.uuid4().hex, git_commit=git_commit())
+    record = dict(record, attempt=uuid.uuid4().hex, git_commit=A.git_commit())
     record["time"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
         lock = _lock(prod, wait_lock)
