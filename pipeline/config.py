@@ -104,6 +104,18 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    """Where the ingest runs: in this process, or as an Apache Beam pipeline."""
+
+    # local: this process (pyarrow for CSV). beam: the same reading, splitting, statistics and
+    # shard layout as a Beam pipeline; `beam_args` are its pipeline options, e.g.
+    # ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    # or ["--runner=DataflowRunner", "--project=…", "--region=…", "--temp_location=gs://…"].
+    runner: Literal["local", "beam"] = "local"
+    beam_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     """Thresholds of the data gate and which anomaly kinds stop the pipeline."""
 
@@ -313,6 +325,7 @@ class Config:
     artifacts: str = "artifacts"
     run_id: str = ""  # default: the newest run for later stages, a new timestamp for ingest
     data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

@@ -5,33 +5,43 @@ dataset's size. Each example lands in train / val / test by a hash of its key, s
 grown dataset keeps every old example in its old split. Shards are written into a temporary
 directory and renamed into ``RUN/shards`` only when the data gate passes; ``artifacts/LATEST``
 moves to the new run last.
+
+Both passes work on the source's parts (:mod:`pipeline.sources`): here one after the other, or
+with ``ingest.runner = "beam"`` in parallel on Apache Beam (:mod:`pipeline.beam_ingest`). The two
+runners share :func:`write_part`, so they give the same examples in the same splits and the same
+statistics; only the order of examples inside the shards differs.
 """
 
 from __future__ import annotations
 
-import hashlib
+import gzip
 import logging
 import shutil
-from dataclasses import dataclass
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import google_crc32c
 
 from pipeline import artifacts as A
 from pipeline.artifacts import PipelineError
 from pipeline.config import Config
 from pipeline.console import Progress
 from pipeline.data_validation import Anomaly, histogram_edges, infer_schema, validate
-from pipeline.sources import BadRecord, Record, open_source
+from pipeline.examples import SPLITS, ExampleEncoder, by_split, split_indices
+from pipeline.sources import Source, open_source
 from pipeline.statistics import SplitStats
 
 log = logging.getLogger(__name__)
 # A validation or test split smaller than this is reported (small_split).
 SMALL_SPLIT = 30
 
-SPLITS = ("train", "val", "test")
 MAX_LISTED_BAD = 1000
+# zlib level of GZIP shards: 1 is several times faster than the default 6 and the shards, read
+# once per epoch at most, are only a little larger.
+GZIP_LEVEL = 1
 
 
 class IngestBlocked(PipelineError):
@@ -56,76 +66,129 @@ class IngestResult:
 
 def split_of(key: bytes, split: dict[str, float], salt: str) -> str:
     """The split of an example, from a stable hash of its key (independent of order or size)."""
-    digest = hashlib.sha256(salt.encode() + b"\0" + key).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < split["train"]:
-        return "train"
-    if u < split["train"] + split["val"]:
-        return "val"
-    return "test"
+    return SPLITS[int(split_indices([key], split, salt)[0])]
+
+
+@dataclass
+class Plan:
+    """What the second pass needs, picklable for Beam's workers."""
+
+    source: Source
+    kinds: dict[str, str]
+    label_kind: str
+    label_name: str
+    vector_lengths: dict[str, int]
+    edges: dict[str, list[float]]
+    split: dict[str, float]
+    salt: str
+
+    def new_stats(self) -> dict[str, SplitStats]:
+        return {s: SplitStats(self.kinds, self.edges, self.label_kind) for s in (*SPLITS, "all")}
+
+
+@dataclass
+class Written:
+    """What the second pass over some parts produced besides the examples; parts merge."""
+
+    stats: dict[str, SplitStats]
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"total": 0, "bad": 0, "missing_label": 0}
+    )
+    bad: list[dict[str, str]] = field(default_factory=list)
+    examples: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+
+    def merge(self, other: Written) -> Written:
+        for name, acc in self.stats.items():
+            acc.merge(other.stats[name])
+        for d, o in ((self.counts, other.counts), (self.examples, other.examples)):
+            for k, v in o.items():
+                d[k] += v
+        self.bad.extend(other.bad[: MAX_LISTED_BAD - len(self.bad)])
+        return self
+
+
+def write_part(
+    plan: Plan,
+    part: Any,
+    encoder: ExampleEncoder,
+    written: Written,
+    progress: Progress | None = None,
+) -> Iterator[tuple[str, list[bytes]]]:
+    """The second pass over one part: yields (split, serialized examples); statistics, counts
+    and bad records go to ``written``."""
+    for batch in plan.source.batches(plan.kinds, part, plan.label_kind, plan.vector_lengths):
+        written.counts["total"] += batch.rows
+        written.counts["bad"] += len(batch.bad)
+        written.counts["missing_label"] += batch.missing_label
+        for b in batch.bad[: MAX_LISTED_BAD - len(written.bad)]:
+            written.bad.append({"origin": b.origin, "reason": b.reason})
+        written.stats["all"].add_batch(batch)
+        for split, sub in by_split(batch, plan.split, plan.salt).items():
+            if len(sub):
+                yield split, encoder.encode(sub)
+                written.stats[split].add_batch(sub)
+                written.examples[split] += len(sub)
+        if progress is not None:
+            progress.update(batch.rows)
+            if written.counts["bad"]:
+                progress.postfix = f"{written.counts['bad']} bad"
+
+
+def _masked_crc(data: bytes) -> bytes:
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def tfrecord_frames(records: list[bytes]) -> bytes:
+    """Records in TFRecord framing: length, its masked CRC-32C, data, the data's masked CRC."""
+    out: list[bytes] = []
+    heads: dict[int, bytes] = {}
+    crc = _masked_crc
+    for data in records:
+        head = heads.get(len(data))
+        if head is None:
+            length = struct.pack("<Q", len(data))
+            head = heads[len(data)] = length + crc(length)
+        out += (head, data, crc(data))
+    return b"".join(out)
 
 
 class _ShardWriter:
-    def __init__(self, directory: Path, split: str, shard_size: int, compression: str):
-        import tensorflow as tf
+    """``SPLIT-00000.tfrecord.gz`` … of at most ``shard_size`` records each.
 
-        self._tf = tf
+    Written here rather than with ``tf.io.TFRecordWriter`` so that ingest workers never import
+    TensorFlow; TensorFlow reads the files (GZIP: one gzip stream per file) as its own.
+    """
+
+    def __init__(self, directory: Path, split: str, shard_size: int, compression: str):
         self.directory = directory
         self.split = split
         self.shard_size = shard_size
-        self.options = tf.io.TFRecordOptions(
-            compression_type="" if compression == "NONE" else "GZIP"
-        )
-        self.suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
+        self.gzip = compression == "GZIP"
+        self.suffix = ".tfrecord.gz" if self.gzip else ".tfrecord"
         self.index = 0
         self.in_shard = 0
-        self.writer: Any = None
+        self.file: Any = None
         self.count = 0
 
-    def write(self, data: bytes) -> None:
-        if self.writer is None or self.in_shard >= self.shard_size:
-            self.close()
-            path = self.directory / f"{self.split}-{self.index:05d}{self.suffix}"
-            self.writer = self._tf.io.TFRecordWriter(str(path), self.options)
-            self.index += 1
-            self.in_shard = 0
-        self.writer.write(data)
-        self.in_shard += 1
-        self.count += 1
+    def write(self, records: list[bytes]) -> None:
+        while records:
+            if self.file is None or self.in_shard >= self.shard_size:
+                self.close()
+                path = self.directory / f"{self.split}-{self.index:05d}{self.suffix}"
+                self.file = gzip.open(path, "wb", GZIP_LEVEL) if self.gzip else open(path, "wb")  # noqa: SIM115
+                self.index += 1
+                self.in_shard = 0
+            room = self.shard_size - self.in_shard
+            self.file.write(tfrecord_frames(records[:room]))
+            self.in_shard += len(records[:room])
+            self.count += len(records[:room])
+            records = records[room:]
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
-
-
-def to_example(
-    label: str | float, label_name: str, features: dict[str, Any], kinds: dict[str, str]
-) -> bytes:
-    """Serialize one example; missing values are left out (the reader fills them)."""
-    import tensorflow as tf
-
-    feats: dict[str, tf.train.Feature] = {}
-    if isinstance(label, float):
-        feats[label_name] = tf.train.Feature(float_list=tf.train.FloatList(value=[label]))
-    else:
-        feats[label_name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[label.encode()]))
-    for name, kind in kinds.items():
-        value = features.get(name)
-        if value is None:
-            continue
-        if kind == "float":
-            feats[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
-        elif kind == "vector":
-            feats[name] = tf.train.Feature(float_list=tf.train.FloatList(value=value))
-        elif kind == "string":
-            feats[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
-        else:
-            feats[name] = tf.train.Feature(
-                bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(value).tobytes()])
-            )
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def ingest(cfg: Config) -> IngestResult:
@@ -150,7 +213,13 @@ def ingest(cfg: Config) -> IngestResult:
     previous = _previous_stats(Path(cfg.artifacts))
 
     log.info("profiling %s", cfg.data.source)
-    profile = source.profile(schema["features"] if schema else None)
+    known = schema["features"] if schema else None
+    if cfg.ingest.runner == "beam":
+        from pipeline import beam_ingest
+
+        profile = beam_ingest.profile(source, known, cfg.ingest.beam_args)
+    else:
+        profile = source.profile(known)
     for name in profile.kinds:
         if name == cfg.data.label_column:
             raise PipelineError(f"feature {name!r} has the same name as the label")
@@ -160,68 +229,54 @@ def ingest(cfg: Config) -> IngestResult:
     else:
         kinds = dict(profile.kinds)
     label_kind = "float" if cfg.model.task == "regression" else "string"
-    edges = histogram_edges(kinds, profile, schema)
     vector_len = {
         n: e["length"] for n, e in (schema or {}).get("features", {}).items() if "length" in e
-    }
+    } or dict(profile.vector_lengths)
+    plan = Plan(
+        source,
+        kinds,
+        label_kind,
+        cfg.data.label_column,
+        vector_len,
+        histogram_edges(kinds, profile, schema),
+        cfg.data.split,
+        cfg.data.seed,
+    )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".shards-tmp-{run_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        writers = {
-            s: _ShardWriter(tmp, s, cfg.data.shard_size, cfg.data.compression) for s in SPLITS
-        }
-        acc = {s: SplitStats(kinds, edges, label_kind) for s in (*SPLITS, "all")}
-        counts = {"total": 0, "bad": 0, "missing_label": 0}
-        bad: list[dict[str, str]] = []
-        progress = Progress("ingest", profile.rows or None, "rows")
-        for item in source.records(kinds):
-            counts["total"] += 1
-            progress.update(1)
-            if isinstance(item, Record):
-                item = _check_record(item, label_kind, vector_len)
-            if isinstance(item, BadRecord):
-                counts["bad"] += 1
-                progress.postfix = f"{counts['bad']} bad"
-                if len(bad) < MAX_LISTED_BAD:
-                    bad.append({"origin": item.origin, "reason": item.reason})
-                continue
-            if item.label is None:
-                counts["missing_label"] += 1
-                continue
-            label: str | float = float(item.label) if label_kind == "float" else item.label
-            split = split_of(item.key, cfg.data.split, cfg.data.seed)
-            writers[split].write(to_example(label, cfg.data.label_column, item.features, kinds))
-            acc[split].add(label, item.features, item.meta)
-            acc["all"].add(label, item.features, item.meta)
-        progress.close()
-        for w in writers.values():
-            w.close()
+        if cfg.ingest.runner == "beam":
+            written = beam_ingest.write(plan, tmp, cfg.data, profile.rows, cfg.ingest.beam_args)
+        else:
+            written = _write_local(plan, tmp, cfg, profile.rows)
+        acc, counts, bad = written.stats, written.counts, written.bad
+        examples = written.examples
 
         stats = _stats_json(acc, vector_len)
         first = schema is None
         if first:
-            schema = infer_schema(cfg, profile, stats["all"], edges)
+            schema = infer_schema(cfg, profile, stats["all"], plan.edges)
         assert schema is not None
         anomalies = validate(cfg, profile, schema, stats["all"], previous, counts)
         for a in anomalies:
             log.warning("%s", a)
         for s in SPLITS:
-            if cfg.data.split[s] > 0 and writers[s].count == 0:
+            if cfg.data.split[s] > 0 and examples[s] == 0:
                 anomalies.append(
                     Anomaly("empty_split", s, f"split {s!r} received no examples", True)
                 )
-            elif s != "train" and 0 < writers[s].count < SMALL_SPLIT:
+            elif s != "train" and 0 < examples[s] < SMALL_SPLIT:
                 small = Anomaly(
                     "small_split",
                     s,
-                    f"split {s!r} has only {writers[s].count} examples: its metrics (and "
+                    f"split {s!r} has only {examples[s]} examples: its metrics (and "
                     "early stopping, thresholds, gates that use it) mean little; more data or "
                     "a larger data.split share",
                     "small_split" in cfg.validation.blocking,
-                    {"count": writers[s].count},
+                    {"count": examples[s]},
                 )
                 log.warning("%s", small)
                 anomalies.append(small)
@@ -253,11 +308,28 @@ def ingest(cfg: Config) -> IngestResult:
         {
             "config": cfg.to_dict(),
             "counts": counts,
-            "examples": {s: writers[s].count for s in SPLITS},
+            "examples": examples,
+            "runner": cfg.ingest.runner,
         },
     )
     A.atomic_write_text(Path(cfg.artifacts) / A.LATEST, run_id + "\n")
-    return IngestResult(run_dir, {s: writers[s].count for s in SPLITS} | counts, anomalies, bad)
+    return IngestResult(run_dir, examples | counts, anomalies, bad)
+
+
+def _write_local(plan: Plan, tmp: Path, cfg: Config, rows: int) -> Written:
+    writers = {s: _ShardWriter(tmp, s, cfg.data.shard_size, cfg.data.compression) for s in SPLITS}
+    encoder = ExampleEncoder(plan.label_name, plan.label_kind, plan.kinds)
+    written = Written(plan.new_stats())
+    progress = Progress("ingest", rows or None, "rows")
+    try:
+        for part in plan.source.parts():
+            for split, records in write_part(plan, part, encoder, written, progress):
+                writers[split].write(records)
+    finally:
+        progress.close()
+        for w in writers.values():
+            w.close()
+    return written
 
 
 def label_vocabulary(cfg: Config, schema: dict[str, Any], stats: dict[str, Any]) -> list[str]:
@@ -292,23 +364,6 @@ def _all_numeric(values: list[str]) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _check_record(item: Record, label_kind: str, vector_len: dict[str, int]) -> Record | BadRecord:
-    if label_kind == "float" and item.label is not None:
-        try:
-            float(item.label)
-        except ValueError:
-            return BadRecord(item.origin, f"label {item.label!r} is not a number")
-    for name, value in item.features.items():
-        if isinstance(value, np.ndarray) and value.ndim == 1:
-            # The first vector seen fixes the length on a first ingest; the schema's otherwise.
-            length = vector_len.setdefault(name, len(value))
-            if len(value) != length:
-                return BadRecord(
-                    item.origin, f"feature {name!r} has {len(value)} values, expected {length}"
-                )
-    return item
 
 
 def _stats_json(acc: dict[str, SplitStats], vector_len: dict[str, int]) -> dict[str, Any]:

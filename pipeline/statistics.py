@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.sources import Batch
 
 HIST_BINS = 10
 MAX_DISTINCT = 10000  # distinct string values counted per feature; the rest is "other"
@@ -42,8 +45,18 @@ class NumericStats:
         self.missing += 1
 
     def add(self, values: np.ndarray | float) -> None:
-        arr = np.atleast_1d(np.asarray(values, dtype=np.float64)).ravel()
+        """One example's value (or vector of values)."""
         self.count += 1
+        self._add_values(np.atleast_1d(np.asarray(values, dtype=np.float64)).ravel())
+
+    def add_column(self, values: np.ndarray, present: np.ndarray) -> None:
+        """A column of scalar values, one per example; ``present`` is False where missing."""
+        kept = int(present.sum())
+        self.count += kept
+        self.missing += len(present) - kept
+        self._add_values(values[present] if kept < len(present) else values)
+
+    def _add_values(self, arr: np.ndarray) -> None:
         nan = np.isnan(arr)
         inf = np.isinf(arr)
         self.nan += int(nan.sum())
@@ -51,19 +64,33 @@ class NumericStats:
         arr = arr[~(nan | inf)]
         if not arr.size:
             return
-        # Chan et al.'s parallel update: merge this batch's moments into the running ones.
-        n_b = arr.size
         mean_b = float(arr.mean())
-        m2_b = float(((arr - mean_b) ** 2).sum())
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean += delta * n_b / n
-        self.m2 += m2_b + delta * delta * self.n * n_b / n
-        self.n = n
+        self._merge_moments(arr.size, mean_b, float(((arr - mean_b) ** 2).sum()))
         self.min = min(self.min, float(arr.min()))
         self.max = max(self.max, float(arr.max()))
         idx = np.clip(np.searchsorted(self.edges, arr, side="right") - 1, 0, len(self.hist) - 1)
         self.hist += np.bincount(idx, minlength=len(self.hist))
+
+    def _merge_moments(self, n_b: int, mean_b: float, m2_b: float) -> None:
+        # Chan et al.'s parallel update: merge a batch's moments into the running ones.
+        n = self.n + n_b
+        if n == 0:
+            return
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n = n
+
+    def merge(self, other: NumericStats) -> None:
+        """Add another accumulator's values (another part of the data, same edges)."""
+        self.count += other.count
+        self.missing += other.missing
+        self.nan += other.nan
+        self.inf += other.inf
+        self._merge_moments(other.n, other.mean, other.m2)
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.hist += other.hist
 
     def to_json(self) -> dict[str, Any]:
         has = self.n > 0
@@ -91,11 +118,29 @@ class StringStats:
         self.missing += 1
 
     def add(self, value: str) -> None:
-        self.count += 1
+        self._count(value, 1)
+
+    def add_many(self, values: list[str | None]) -> None:
+        """A column of values, None where missing."""
+        for value, n in Counter(values).items():
+            if value is None:
+                self.missing += n
+            else:
+                self._count(value, n)
+
+    def _count(self, value: str, n: int) -> None:
+        self.count += n
         if value in self.values or len(self.values) < MAX_DISTINCT:
-            self.values[value] += 1
+            self.values[value] += n
         else:
-            self.other += 1
+            self.other += n
+
+    def merge(self, other: StringStats) -> None:
+        self.missing += other.missing
+        self.count += other.count - sum(other.values.values())
+        self.other += other.other
+        for value, n in other.values.items():
+            self._count(value, n)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -134,6 +179,18 @@ class ImageStats:
                 self.sizes[f"{w}x{h}"] += 1
             self.modes[str(meta.get("mode", "?"))] += 1
         self.brightness.add(float(pixels.mean()))
+
+    def merge(self, other: ImageStats) -> None:
+        self.count += other.count
+        self.missing += other.missing
+        self.shape = self.shape or other.shape
+        for size, n in other.sizes.items():
+            if len(self.sizes) < MAX_DISTINCT or size in self.sizes:
+                self.sizes[size] += n
+        self.modes.update(other.modes)
+        self.width.merge(other.width)
+        self.height.merge(other.height)
+        self.brightness.merge(other.brightness)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -179,6 +236,38 @@ class SplitStats:
                 acc.add(value, meta)
             else:
                 acc.add(value)
+
+    def add_batch(self, batch: Batch) -> None:
+        """Every example of a batch (the columnar form of :meth:`add`)."""
+        if not len(batch):
+            return
+        self.examples += len(batch)
+        if isinstance(batch.labels, np.ndarray):
+            self.label_numeric.add_column(batch.labels, np.ones(len(batch), dtype=bool))
+        else:
+            self.labels.update(batch.labels)
+        for name, acc in self.features.items():
+            column = batch.columns.get(name)
+            if isinstance(column, tuple):
+                assert isinstance(acc, NumericStats)
+                acc.add_column(*column)
+            elif isinstance(acc, StringStats):
+                acc.add_many(column if column is not None else [None] * len(batch))
+            else:
+                for i, value in enumerate(column or [None] * len(batch)):
+                    if value is None:
+                        acc.add_missing()
+                    elif isinstance(acc, ImageStats):
+                        acc.add(value, batch.meta[i] if batch.meta else {})
+                    else:
+                        acc.add(value)
+
+    def merge(self, other: SplitStats) -> None:
+        self.examples += other.examples
+        self.labels.update(other.labels)
+        self.label_numeric.merge(other.label_numeric)
+        for name, acc in self.features.items():
+            acc.merge(other.features[name])  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

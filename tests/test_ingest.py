@@ -385,17 +385,31 @@ def test_image_geometry_is_inferred_then_kept(tmp_path):
     root = tmp_path / "photos"
     for cls, color in (("hotdog", (200, 40, 40)), ("not_hotdog", (40, 200, 40))):
         (root / cls).mkdir(parents=True)
-        for i in range(8):
-            Image.new("RGB", (300 + i % 2, 200), color).save(root / cls / f"{i}.jpg")
+        for i in range(8):  # every size different, all 3:2
+            Image.new("RGB", (150 + 30 * i, 100 + 20 * i), color).save(root / cls / f"{i}.jpg")
     result = ingest(config(tmp_path, f'data.source="{root}"'))  # no image_size, no channels
     schema = json.loads((result.run_dir / "schema.json").read_text())
-    # The most common size with the longer side capped at 160, and 3 channels for color.
+    # The median aspect with the median longer side capped at 160, and 3 channels for color.
     assert schema["features"]["image"]["shape"] == [107, 160, 3]
     # A later ingest of differently sized images keeps the schema's geometry.
     Image.new("L", (640, 480), 128).save(root / "hotdog" / "gray.png")
     again = ingest(config(tmp_path, f'data.source="{root}"', "run_id=again"))
     stats = json.loads((again.run_dir / "stats.json").read_text())
     assert stats["all"]["features"]["image"]["shape"] == [107, 160, 3]
+
+
+def test_inferred_image_size_is_the_median_aspect_capped():
+    from collections import Counter
+
+    from pipeline.sources import median_shape
+
+    # Aspects 1, 0.75, 0.6 → 0.75; longer sides 60, 80, 100 → 80 (under the cap).
+    assert median_shape(Counter({(60, 60): 1, (80, 60): 1, (100, 60): 1})) == (60, 80)
+    # Portrait: aspects 2, 2, 1.2 → 2; longer sides 200, 200, 60 → 200, capped at 160.
+    assert median_shape(Counter({(100, 200): 2, (50, 60): 1})) == (160, 80)
+    # No single size is most common: the result does not depend on which image comes first.
+    sizes = Counter({(103 + i, 160 - i): 1 for i in range(9)})
+    assert median_shape(sizes) == median_shape(Counter(dict(reversed(sizes.items()))))
 
 
 def test_explicit_geometry_that_contradicts_the_schema_blocks(tmp_path, image_dir):
