@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
-    "ingest_memory.py",
+    "ingest.py",
     "train_throughput.py",
     "train_export.py",
     "server_latency.py",

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import keras
 import keras_tuner as kt
 
-from bench.ingest_memory import make_csv
+from bench.ingest import make_csv
 from bench.results import median, write_section
 from pipeline.config import load_config
 from pipeline.datasets import load_spec, make_dataset, to_numpy

@@ -17,6 +17,7 @@ on a cluster).
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 from collections.abc import Iterator, Sequence
@@ -30,9 +31,15 @@ from pipeline.sources import Profile, ProfileAcc, Source
 if TYPE_CHECKING:
     from pipeline.ingest import Plan, Written
 
+log = logging.getLogger(__name__)
+
 
 def _options(beam_args: Sequence[str]) -> Any:
     from apache_beam.options.pipeline_options import PipelineOptions
+
+    # Beam's INFO lines (workers starting, bundles) drown the ingest's own; -v shows them.
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
     return PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import keras
 import keras_tuner as kt
@@ -422,6 +423,82 @@ def test_two_workers_train_like_one(tmp_path):
     two_accuracy = json.loads((run / "metrics.json").read_text())["accuracy"]
     assert single_accuracy > 0.8
     assert abs(two_accuracy - single_accuracy) <= 0.1, (single_accuracy, two_accuracy)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_and_its_peer_resume_from_their_backups(tmp_path):
+    """Two workers on loopback; worker 1 is killed (SIGKILL) after its backup of epoch 2. Its
+    peer's collectives fail, so it exits non-zero (k8s restarts both: restartPolicy
+    OnFailure). Started again, both resume from their own backups instead of epoch 1, finish,
+    and the chief saves the model."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(3000))
+    (tmp_path / "c.toml").write_text("")
+    sets = [
+        f'artifacts="{tmp_path / "art"}"',
+        f'data.source="{data}"',
+        'model.task="binary"',
+        "train.epochs=10",
+        "train.patience=100",
+        "train.batch_size=8",
+    ]
+    args = ["--config", str(tmp_path / "c.toml"), *(a for s in sets for a in ("--set", s))]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run(
+        [sys.executable, "-m", "pipeline", "ingest", *args], env=env, check=True, timeout=300
+    )
+    run = tmp_path / "art" / (tmp_path / "art" / "LATEST").read_text().strip()
+
+    def start_workers() -> list[subprocess.Popen]:
+        hosts = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+        return [
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "train", *args],
+                env=dict(
+                    env,
+                    TF_CONFIG=json.dumps(
+                        {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
+                    ),
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
+
+    workers = start_workers()
+    deadline = time.monotonic() + 300
+    while True:
+        metadata = list((run / "checkpoints").glob("backup-*-worker-1/training_metadata.json"))
+        if metadata and json.loads(metadata[0].read_text()).get("epoch", -1) >= 2:
+            break
+        assert all(w.poll() is None for w in workers), "a worker ended before the kill"
+        assert time.monotonic() < deadline, "no backup of epoch 2 within 300 s"
+        time.sleep(0.2)
+    os.kill(workers[1].pid, signal.SIGKILL)
+    workers[1].wait(timeout=30)
+    try:
+        assert workers[0].wait(timeout=180) != 0  # its collectives failed: it must not hang
+    finally:
+        workers[0].kill()
+    first = workers[0].communicate()[0]
+    assert not (run / "model.keras").exists()
+
+    workers = start_workers()
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for w, out in zip(workers, outputs):
+        assert w.returncode == 0, out[-3000:]
+        epochs = [int(m) for m in re.findall(r"train: epoch (\d+)/10", out)]
+        assert epochs and epochs[0] >= 3 and epochs[-1] == 10, (epochs, first[-2000:])
+    assert (run / "model.keras").exists()
 
 
 def test_is_chief_follows_tf_config(monkeypatch):
