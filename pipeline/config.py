@@ -34,6 +34,7 @@ ANOMALY_KINDS = (
     "unseen_category",
     "unseen_label",
     "missing_label",
+    "missing_values",
     "absent_class",
     "class_imbalance",
     "drift",
@@ -56,6 +57,10 @@ class DataConfig:
     # so identical rows always land in the same split and never leak from train into test).
     key_column: str = ""
     csv_delimiter: str = ","
+    # CSV values that mean "missing" (besides an empty field), recognised before a column's type
+    # is inferred: a numeric column with "NA" stays numeric, its missing values are counted
+    # (anomalies.json: missing_values) and the model fills them with the train mean.
+    missing_values: tuple[str, ...] = ("NA", "N/A", "n/a", "#N/A", "<NA>", "NULL", "null", "?")
     # Images are resized to [height, width] with `channels` (1 or 3) at ingest. Left out (or
     # [] / 0): the schema's, or on a first ingest the most common size (longer side capped at
     # 160) and 1 channel when every image is grayscale, else 3.

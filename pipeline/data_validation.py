@@ -157,6 +157,17 @@ def validate(
         if entry is None:
             continue
         kind = entry["kind"]
+        if fstats["missing"] and kind != "image":
+            total = fstats["missing"] + fstats["count"]
+            filled = "the train mean" if kind in ("float", "vector") else "the empty category"
+            add(
+                "missing_values",
+                name,
+                f"{fstats['missing']} of {total} values missing "
+                f"({fstats['missing'] / total:.1%}); the model fills them with {filled}",
+                count=fstats["missing"],
+                fraction=fstats["missing"] / total,
+            )
         if kind in ("float", "vector"):
             if fstats["nan"] or fstats["inf"]:
                 add(

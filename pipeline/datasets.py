@@ -112,6 +112,98 @@ def feature_spec(spec: DataSpec, with_label: bool = True) -> dict[str, Any]:
     return out
 
 
+def _decode(data: tf.Tensor, message: str, fields: list[str], types: list[Any]) -> Any:
+    """``tf.io.decode_proto`` of a 1-D batch; every field padded to at least one value."""
+    sizes, values = tf.io.decode_proto(data, message, fields, types, descriptor_source="local://")
+    rows = tf.shape(data)[0]
+    padded = [
+        tf.concat(
+            [v, tf.zeros([rows, 1], v.dtype) if v.dtype != tf.string else tf.fill([rows, 1], "")], 1
+        )
+        for v in values
+    ]
+    return sizes, padded
+
+
+def parse_serving_examples(spec: DataSpec, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Serialized ``tf.Example`` s from a client → the parsed features, numbers of either type.
+
+    ``tf.io.parse_example`` takes a float feature only as a float_list; a client (or TF
+    Serving's REST API, which turns a JSON integer into an int64_list) that sends
+    ``{"year": 2008}`` would get "Data types don't match". Numeric features are read here from
+    the example's wire format instead (``decode_proto``, a core op TF Serving runs), from a
+    float_list or an int64_list, missing → the train mean as in training; everything else goes
+    through ``parse_example`` as in training.
+    """
+    fspec = feature_spec(spec, with_label=False)
+    numeric = {n: f for n, f in fspec.items() if f.dtype == tf.float32}
+    out = tf.io.parse_example(serialized, {n: f for n, f in fspec.items() if n not in numeric})
+    if not numeric:
+        return out
+    flat = tf.reshape(serialized, [-1])
+    rows = tf.shape(flat)[0]
+    _, (features,) = _decode(flat, "tensorflow.Example", ["features"], [tf.string])
+    _, (entries,) = _decode(features[:, 0], "tensorflow.Features", ["feature"], [tf.string])
+    width = tf.shape(entries)[1]
+    _, (keys, values) = _decode(
+        tf.reshape(entries, [-1]),
+        "tensorflow.Features.FeatureEntry",
+        ["key", "value"],
+        [tf.string, tf.string],
+    )
+    kinds, (floats, ints, _) = _decode(
+        values[:, 0],
+        "tensorflow.Feature",
+        ["float_list", "int64_list", "bytes_list"],
+        [tf.string, tf.string, tf.string],
+    )
+    nf, (fv,) = _decode(floats[:, 0], "tensorflow.FloatList", ["value"], [tf.float32])
+    ni, (iv,) = _decode(ints[:, 0], "tensorflow.Int64List", ["value"], [tf.int64])
+    longest = tf.maximum(tf.shape(fv)[1], tf.shape(iv)[1])
+    fv = tf.pad(fv, [[0, 0], [0, longest - tf.shape(fv)[1]]])
+    iv = tf.pad(tf.cast(iv, tf.float32), [[0, 0], [0, longest - tf.shape(iv)[1]]])
+    count = tf.reshape(nf[:, 0] + ni[:, 0], [rows, width])
+    has_bytes = tf.reshape(kinds[:, 2] > 0, [rows, width])
+    numbers = tf.reshape(tf.where(nf > 0, fv, iv), [rows, width, longest])
+    keys = tf.reshape(keys[:, 0], [rows, width])
+    for name, feature in numeric.items():
+        length = int(feature.shape[0]) if feature.shape else 1
+        hit = tf.equal(keys, name)
+        # The last entry of a key wins, as protobuf's map parsing does.
+        at = width - 1 - tf.argmax(tf.cast(hit[:, ::-1], tf.int32), axis=1, output_type=tf.int32)
+        present = tf.reduce_any(hit, axis=1)
+        n = tf.where(present, tf.gather(count, at, axis=1, batch_dims=1), 0)
+        text = tf.reduce_any(tf.logical_and(hit, has_bytes))
+        required = feature.default_value is None
+        checks = [
+            tf.debugging.Assert(
+                tf.logical_not(text),
+                [f"Key: {name}.  Data types do not match: expected a float_list or int64_list"],
+            ),
+            tf.debugging.Assert(
+                tf.logical_or(not required, tf.reduce_all(n > 0)),
+                [f"Feature: {name} (data type: float) is required but could not be found."],
+            ),
+            tf.debugging.Assert(
+                tf.reduce_all(tf.logical_or(tf.equal(n, 0), tf.equal(n, length))),
+                [f"Key: {name}.  Number of float values != expected.  Expected: {length}"],
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            row = tf.gather(numbers, at, axis=1, batch_dims=1)[:, :length]
+            row = tf.pad(row, [[0, 0], [0, length - tf.shape(row)[1]]])
+        if feature.default_value is not None:
+            row = tf.where((n > 0)[:, None], row, tf.cast(feature.default_value, tf.float32))
+        else:
+            tf.debugging.assert_equal(
+                tf.reduce_all(n > 0),
+                True,
+                message=f"Key: {name}. Feature is required but could not be found.",
+            )
+        out[name] = tf.reshape(row, [-1, *feature.shape])
+    return out
+
+
 def decode_features(spec: DataSpec, parsed: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """Parsed features → the model's inputs (keyed by input name)."""
     out = {}

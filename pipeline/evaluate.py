@@ -18,17 +18,17 @@ import numpy as np
 from pipeline import artifacts as A
 from pipeline.config import Config
 from pipeline.datasets import DataSpec, load_spec, make_dataset, to_numpy
+from pipeline.models import load_model
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Compute and write the test metrics; return them."""
-    import keras
 
     run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
     spec = load_spec(run_dir)
-    model = keras.models.load_model(A.require(run_dir / A.MODEL, "train"))
+    model = load_model(A.require(run_dir / A.MODEL, "train"))
     test_ds = make_dataset(spec, "test", batch_size=256, cache=False)
     x, y = to_numpy(test_ds)
     results = model.evaluate(test_ds, verbose=0, return_dict=True)

@@ -35,11 +35,12 @@ from pipeline.config import Config
 from pipeline.datasets import (
     DataSpec,
     decode_features,
-    feature_spec,
     load_spec,
     make_dataset,
+    parse_serving_examples,
     to_numpy,
 )
+from pipeline.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,11 @@ REGRESS_METHOD = "tensorflow/serving/regress"
 
 def export(cfg: Config) -> Path | str:
     """Publish the run's model as a new version; return its directory (a URI when remote)."""
-    import keras
     from filelock import FileLock, Timeout
 
     run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
     spec = load_spec(run_dir)
-    model = keras.models.load_model(A.require(run_dir / A.MODEL, "train"))
+    model = load_model(A.require(run_dir / A.MODEL, "train"))
     metrics = A.read_json(A.require(run_dir / A.METRICS, "evaluate"))
     if metrics.get("beats_trivial") is False and not cfg.export.allow_below_baseline:
         raise PipelineError(
@@ -271,10 +271,9 @@ class ServingModule(tf.Module):
             sigs["serving_bytes"] = tf.function(from_bytes).get_concrete_function(
                 tf.TensorSpec([None], tf.string, name="image_bytes")
             )
-        fspec = feature_spec(self.spec, with_label=False)
 
         def from_examples(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
-            parsed = tf.io.parse_example(inputs, fspec)
+            parsed = parse_serving_examples(self.spec, inputs)
             out = self._outputs(decode_features(self.spec, parsed))
             if self.spec.task == "regression":
                 return {"outputs": out["predictions"]}

@@ -130,6 +130,26 @@ def _cnn(hp: kt.HyperParameters, spec: DataSpec, cfg: ModelConfig) -> tuple[dict
     return inputs, x
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
+class FillMissing(keras.layers.Layer):
+    """NaN → ``value`` (the train-split mean of the feature)."""
+
+    def __init__(self, value: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.value = float(value)
+
+    def call(self, x: Any) -> Any:
+        return keras.ops.where(keras.ops.isnan(x), keras.ops.cast(self.value, x.dtype), x)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "value": self.value}
+
+
+def load_model(path: Path) -> Any:
+    """A trained ``model.keras`` (its custom layers are registered by this module)."""
+    return keras.models.load_model(path)
+
+
 def _mlp(hp: kt.HyperParameters, spec: DataSpec) -> tuple[dict[str, Any], Any]:
     inputs: dict[str, Any] = {}
     parts = []
@@ -143,6 +163,9 @@ def _mlp(hp: kt.HyperParameters, spec: DataSpec) -> tuple[dict[str, Any], Any]:
             x = keras.layers.Reshape((width,))(inp) if kind == "float" else inp
             mean = float(stats["mean"] or 0.0)
             var = max(float(stats["std"] or 0.0) ** 2, 1e-12)
+            # A missing number: parsed examples carry the train mean already (the parse
+            # default); a Predict request sends NaN, filled here with the same mean.
+            x = FillMissing(mean)(x)
             # Mean and variance of the train split, computed at ingest: same as adapt().
             x = keras.layers.Normalization(mean=mean, variance=var)(x)
             parts.append(x)

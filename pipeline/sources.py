@@ -515,6 +515,7 @@ class CsvSource(Source):
         self.key_column = cfg.key_column
         self.delimiter = cfg.csv_delimiter
         self.max_bad_fraction = cfg.max_bad_fraction
+        self.missing = frozenset(cfg.missing_values) | {""}
         self.header, self.data_start, self.data_line = self._read_header()
         self._parts: list[CsvPart] | None = None
 
@@ -627,7 +628,7 @@ class CsvSource(Source):
         acc = ProfileAcc(rows=table.num_rows)
         for name in self.header:
             text = pc.utf8_trim_whitespace(table.column(name))
-            text = text.filter(pc.not_equal(text, ""))
+            text = text.filter(pc.invert(pc.is_in(text, value_set=self._missing_array())))
             if not len(text):
                 continue
             try:
@@ -656,7 +657,7 @@ class CsvSource(Source):
                 acc.rows += 1
                 for name, text in zip(self.header, row):
                     text = text.strip()
-                    if text:
+                    if text not in self.missing:
                         self._profile_value(acc, name, text)
         except csv.Error as e:
             raise PipelineError(f"{self.path}: line {line - 1 + reader.line_num}: {e}") from e
@@ -720,6 +721,11 @@ class CsvSource(Source):
                     self._python_records(block, line, kinds), kinds, label_kind, vector_lengths
                 )
 
+    def _missing_array(self) -> Any:
+        import pyarrow as pa
+
+        return pa.array(sorted(self.missing), pa.string())
+
     def _arrow_table(self, block: bytes) -> Any:
         """The block as a table of string columns, or None when pyarrow cannot take it whole."""
         import pyarrow as pa
@@ -749,12 +755,15 @@ class CsvSource(Source):
         if table is None:
             return None
         rows = table.num_rows
-        text = {h: pc.utf8_trim_whitespace(table.column(h).combine_chunks()) for h in self.header}
-        label_text = text[self.label_column]
-        labelled = pc.not_equal(label_text, "").to_numpy(zero_copy_only=False)
+        # raw: the stripped values (the split key); text: missing-value markers made "".
+        raw = {h: pc.utf8_trim_whitespace(table.column(h).combine_chunks()) for h in self.header}
+        missing = self._missing_array()
+        text = {h: pc.if_else(pc.is_in(col, value_set=missing), "", col) for h, col in raw.items()}
+        labelled = pc.not_equal(text[self.label_column], "").to_numpy(zero_copy_only=False)
         keep = np.flatnonzero(labelled)
         if len(keep) < rows:
             index = pa.array(keep)
+            raw = {h: col.take(index) for h, col in raw.items()}
             text = {h: col.take(index) for h, col in text.items()}
         labels: list[str] | np.ndarray
         try:
@@ -782,9 +791,9 @@ class CsvSource(Source):
         except pa.ArrowInvalid:  # a value that is not a number: the row-by-row path names it
             return None
         if self.key_column:
-            keys = [v.encode() for v in text[self.key_column].to_pylist()]
+            keys = [v.encode() for v in raw[self.key_column].to_pylist()]
         else:
-            keys = _content_keys([text[h] for h in self.header])
+            keys = _content_keys([raw[h] for h in self.header])
         return Batch(keys, labels, columns, None, [], rows - len(keep), rows)
 
     def _python_reader(self, block: bytes) -> Any:
@@ -822,7 +831,7 @@ class CsvSource(Source):
                 if name not in values:
                     continue  # a schema column missing from this file: reported by the gate
                 text = values[name]
-                if not text:
+                if text in self.missing:
                     features[name] = None
                 elif kind == "float":
                     number = _parse_float(text)
@@ -839,7 +848,8 @@ class CsvSource(Source):
                 key = values[self.key_column].encode()
             else:
                 key = content_key(*(values[h].encode() for h in header))
-            yield Record(key, origin, values[self.label_column] or None, features)
+            label = values[self.label_column]
+            yield Record(key, origin, None if label in self.missing else label, features)
 
 
 def _first_row_end(data: bytes) -> int:

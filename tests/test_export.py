@@ -256,6 +256,52 @@ def test_regression_and_binary_signatures(tmp_path):
             assert set(out["classes"].numpy().tolist()) <= {b"yes", b"no"}
 
 
+def test_numbers_may_be_integers_or_missing_and_errors_keep_tensorflows_text(tmp_path):
+    """Issue #15 point 5: an int64_list where a float feature is expected (TF Serving's REST API
+    sends JSON integers that way) is a number; a missing number is the train mean in every
+    signature (NaN in Predict); a wrong type fails with TensorFlow's own whole message."""
+    import json
+
+    from serving.server.servable import status_text
+
+    path = write_csv(tmp_path / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(150))
+    cfg = config(tmp_path, f'data.source="{path}"', "model.task=binary")
+    result = ingest(cfg)
+    train(cfg)
+    evaluate(cfg)
+    sigs = tf.saved_model.load(str(export(cfg))).signatures
+    mean_x2 = json.loads((result.run_dir / "stats.json").read_text())["train"]["features"]
+    mean_x2 = mean_x2["x2"]["mean"]
+
+    def example(**features):
+        feature = {}
+        for name, value in features.items():
+            if isinstance(value, bytes):
+                feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+            elif isinstance(value, int):
+                feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+            else:
+                feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+        ex = tf.train.Example(features=tf.train.Features(feature=feature))
+        return ex.SerializeToString()
+
+    def scores(*examples):
+        return sigs["classification"](inputs=tf.constant(list(examples)))["scores"].numpy()
+
+    as_float = scores(example(x1=2.0, x2=-1.0, color=b"red"), example(x1=0.0, x2=mean_x2))
+    as_int = scores(example(x1=2, x2=-1, color=b"red"), example(x1=0))
+    np.testing.assert_allclose(as_int, as_float, atol=1e-6)
+    predict = sigs["serving_default"](
+        x1=tf.constant([0.0]), x2=tf.constant([np.nan]), color=tf.constant([""])
+    )["probabilities"].numpy()
+    np.testing.assert_allclose(predict, as_float[1:], atol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        scores(example(x1=b"two", x2=1.0))
+    text = status_text(info.value.message)
+    assert text.startswith("assertion failed: [Key: x1.  Data types do not match")
+    assert "Graph execution" not in text and "[Op:" not in text
+
+
 def test_export_requires_evaluation(tmp_path):
     root = make_images(tmp_path / "imgs", per_class=6)
     cfg = config(tmp_path, f'data.source="{root}"')

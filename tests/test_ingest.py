@@ -105,6 +105,28 @@ def test_csv_missing_values_are_counted(tmp_path):
     assert stats["x1"]["missing"] == 1 and stats["color"]["missing"] == 1
 
 
+def test_na_markers_are_missing_values_before_types_are_inferred(tmp_path):
+    """Issue #15 point 5: "NA" in a numeric column keeps it numeric; the rows stay, and the
+    missing values are counted in anomalies.json."""
+    rows = [
+        [("NA" if i % 14 == 0 else i * 0.5), "?" if i % 9 == 0 else "red", "yes" if i % 2 else "no"]
+        for i in range(100)
+    ]
+    path = write_csv(tmp_path / "na.csv", ["x", "color", "label"], rows)
+    result = ingest(config(tmp_path, f'data.source="{path}"', "model.task=binary"))
+    schema = json.loads((result.run_dir / "schema.json").read_text())
+    assert schema["features"]["x"]["kind"] == "float"
+    assert sum(result.counts[s] for s in ("train", "val", "test")) == 100
+    stats = json.loads((result.run_dir / "stats.json").read_text())["all"]["features"]
+    assert stats["x"]["missing"] == 8 and stats["color"]["missing"] == 12
+    assert "?" not in stats["color"]["values"]
+    missing = {a.feature: a for a in kinds(result)["missing_values"]}
+    assert missing["x"].details["count"] == 8 and not missing["x"].blocking
+    assert "train mean" in missing["x"].message
+    report = json.loads((result.run_dir / "anomalies.json").read_text())
+    assert {a["kind"] for a in report["anomalies"]} >= {"missing_values"}
+
+
 def test_npz_vectors_and_images(tmp_path):
     rng = np.random.default_rng(0)
     np.savez_compressed(tmp_path / "v.npz", x=rng.normal(size=(50, 5)), y=rng.integers(0, 3, 50))

@@ -12,6 +12,7 @@ graph loads.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,27 @@ _GRPC_CODE = {sc.value[0]: sc for sc in grpc.StatusCode}
 
 def _join(keys: Any) -> str:
     return ",".join(sorted(keys))
+
+
+def status_text(message: str) -> str:
+    """TensorFlow's error as the C++ runtime (and so TF Serving) reports it: the whole text,
+    without what Python's function call adds (the "Graph execution error:" heading, the
+    "Detected at node ... defined at" traceback and the trailing "[Op:__inference_...]")."""
+    lines = message.split("\n")
+    if lines[0] == "Graph execution error:":
+        lines = lines[1:]
+        while lines and not lines[0].strip():
+            lines.pop(0)
+        if lines and lines[0].startswith("Detected at node"):
+            lines.pop(0)
+            while lines and (
+                not lines[0].strip()
+                or lines[0].startswith("  ")
+                or lines[0] == "<stack traces unavailable>"
+            ):
+                lines.pop(0)
+    text = re.sub(r"\s*\[Op:[^\]]*\]\s*$", "", "\n".join(lines)).strip()
+    return text or message
 
 
 class Servable:
@@ -206,7 +228,7 @@ class Servable:
             values = fn(*(feeds[alias] for alias in sorted(sig.inputs)))
         except tf.errors.OpError as e:
             code = _GRPC_CODE.get(e.error_code, grpc.StatusCode.INTERNAL)
-            raise ServingError(code, e.message) from e
+            raise ServingError(code, status_text(e.message)) from e
         except (ValueError, TypeError) as e:
             # A value numpy/TensorFlow cannot turn into a tensor (ragged lists, objects).
             raise invalid(str(e)) from e
