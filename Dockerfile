@@ -24,6 +24,7 @@ RUN mkdir -p pipeline serving && touch pipeline/__init__.py serving/__init__.py 
 COPY pipeline/ pipeline/
 COPY serving/ serving/
 COPY pipeline.toml ./
+COPY configs/ configs/
 RUN pip install --no-deps . && mkdir -p /app/artifacts && chown app:app /app/artifacts
 
 # Numeric non-root user: Kubernetes can check runAsNonRoot against it.

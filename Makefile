@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-CONFIG ?= pipeline.toml
+CONFIG ?= configs/digits.toml
 ARGS   ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
@@ -126,7 +126,7 @@ train-jobs:  ## tuning + training Jobs in the cluster: make train-jobs IMAGE=REG
 	@mkdir -p k8s/jobs-run
 	@printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
 		'resources: [../jobs]' 'configMapGenerator:' '  - name: pipeline-run' '    behavior: replace' \
-		'    literals: [RUN_ID=$(RUN_ID)]' 'images:' '  - name: tfserving-pipeline' \
+		'    literals: [RUN_ID=$(RUN_ID), CONFIG=$(CONFIG)]' 'images:' '  - name: tfserving-pipeline' \
 		'    newName: $(firstword $(subst @, ,$(IMAGE)))' '    digest: $(lastword $(subst @, ,$(IMAGE)))' \
 		> k8s/jobs-run/kustomization.yaml
 	$(KUBECTL) apply -k k8s/jobs-run

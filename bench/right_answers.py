@@ -57,8 +57,8 @@ def run(work: Path, name: str, source: Path, task: str) -> dict:
     empty.touch()
     args = ["--config", str(empty), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
     subprocess.run([sys.executable, "-m", "pipeline", "run", "-q", *args], cwd=ROOT, check=True)
-    run_id = (artifacts / "LATEST").read_text().strip()
-    return json.loads((artifacts / run_id / "metrics.json").read_text())
+    run_id = (artifacts / name / "LATEST").read_text().strip()
+    return json.loads((artifacts / name / run_id / "metrics.json").read_text())
 
 
 def main() -> None:

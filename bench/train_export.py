@@ -1,4 +1,4 @@
-"""`make train export` on the bundled digits data with the default pipeline.toml: wall time and
+"""`make train export` on the bundled digits data with configs/digits.toml: wall time and
 the final test metric (goals: ≤ 5 minutes on 2 cores, test accuracy ≥ 0.98; an RBF SVC
 reaches 0.989 on digits)."""
 
@@ -48,19 +48,19 @@ def main() -> None:
         )
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "pipeline", "run", "--config", "pipeline.toml", *args],
+            [sys.executable, "-m", "pipeline", "run", "--config", "configs/digits.toml", *args],
             check=True,
             cwd=ROOT,
             env=env,
             capture_output=True,
         )
         wall = time.perf_counter() - start
-        run = (root / "artifacts" / "LATEST").read_text().strip()
-        metrics = json.loads((root / "artifacts" / run / "metrics.json").read_text())
-        tuning = json.loads((root / "artifacts" / run / "tuning.json").read_text())
+        run = (root / "artifacts" / "digits" / "LATEST").read_text().strip()
+        metrics = json.loads((root / "artifacts" / "digits" / run / "metrics.json").read_text())
+        tuning = json.loads((root / "artifacts" / "digits" / run / "tuning.json").read_text())
     body = f"""
-`python -m pipeline run` (= `make train export` after `make data`) with the default
-`pipeline.toml`, {len(tuning["trials"])} tuning trials in {tuning["seconds"]:.0f} s.
+`python -m pipeline run` (= `make train export` after `make data`) with
+`configs/digits.toml`, {len(tuning["trials"])} tuning trials in {tuning["seconds"]:.0f} s.
 
 | measure | value | goal |
 |---|---|---|

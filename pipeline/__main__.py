@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             from pipeline.report import write_report
 
-            run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+            run_dir = A.resolve_run_dir(cfg.model_dir, cfg.run_id)
             out = write_report(run_dir, Path(args.audit), Path(args.out) if args.out else None)
             print(f"report: {out}")
             return 0
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_id = (
                     A.new_run_id()
                     if "ingest" in stages
-                    else A.resolve_run_dir(cfg.artifacts, "").name
+                    else A.resolve_run_dir(cfg.model_dir, "").name
                 )
                 cfg = dataclasses.replace(cfg, run_id=run_id)
         else:

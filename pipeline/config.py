@@ -50,7 +50,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the data comes from and how it is split and sharded."""
 
-    source: str = "data/digits"
+    source: str = ""  # required by ingest: a .csv, image folder, .npz or TFRecord
     format: SourceFormat = "auto"
     label_column: str = "label"
     # CSV only: a column whose value identifies a row for the split hash (default: the row content,
@@ -348,8 +348,15 @@ class Config:
             )
 
     @property
+    def model_dir(self) -> Path:
+        """``artifacts/NAME``: this model's schema, ``LATEST`` and run directories. Each model
+        (``model.name``, by default named after its data) keeps its own, so a second dataset
+        never meets the first one's schema nor lands in its versions."""
+        return Path(self.artifacts) / self.model.name
+
+    @property
     def schema_path(self) -> Path:
-        return Path(self.data.schema_path or Path(self.artifacts) / "schema.json")
+        return Path(self.data.schema_path or self.model_dir / "schema.json")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: Config) -> dict[str, Any]:
     """Compute and write the test metrics; return them."""
 
-    run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+    run_dir = A.resolve_run_dir(cfg.model_dir, cfg.run_id)
     spec = load_spec(run_dir)
     model = load_model(A.require(run_dir / A.MODEL, "train"))
     test_ds = make_dataset(spec, "test", batch_size=256, cache=False)

@@ -55,7 +55,7 @@ def export(cfg: Config) -> Path | str:
     """Publish the run's model as a new version; return its directory (a URI when remote)."""
     from filelock import FileLock, Timeout
 
-    run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+    run_dir = A.resolve_run_dir(cfg.model_dir, cfg.run_id)
     spec = load_spec(run_dir)
     model = load_model(A.require(run_dir / A.MODEL, "train"))
     metrics = A.read_json(A.require(run_dir / A.METRICS, "evaluate"))

@@ -47,13 +47,25 @@ GZIP_LEVEL = 1
 class IngestBlocked(PipelineError):
     """The data gate found blocking anomalies; nothing was published."""
 
-    def __init__(self, anomalies: list[Anomaly], report: Path):
+    # Kinds that say "this data does not fit the schema" rather than "this data is broken".
+    SCHEMA_KINDS = frozenset({"missing_column", "type_change", "unseen_label", "unseen_category"})
+
+    def __init__(self, anomalies: list[Anomaly], report: Path, schema: Path | None = None):
         self.anomalies = anomalies
         lines = [str(a) for a in anomalies if a.blocking]
-        super().__init__(
+        message = (
             f"data gate failed with {len(lines)} blocking anomalies (report: {report}):\n  "
             + "\n  ".join(lines)
         )
+        if schema is not None and any(
+            a.blocking and a.kind in self.SCHEMA_KINDS for a in anomalies
+        ):
+            message += (
+                f"\nThe data does not match the schema {schema}. If it is another model, give it "
+                "its own name (--set model.name=NAME: its own schema, runs and versions); if "
+                "this model's data has changed on purpose, delete that schema to infer a new one."
+            )
+        super().__init__(message)
 
 
 @dataclass
@@ -199,7 +211,7 @@ def ingest(cfg: Config) -> IngestResult:
         IngestBlocked: the data gate found blocking anomalies (report written, nothing published).
     """
     run_id = cfg.run_id or A.new_run_id()
-    run_dir = Path(cfg.artifacts) / run_id
+    run_dir = cfg.model_dir / run_id
     if (run_dir / A.SHARDS).exists():
         raise PipelineError(f"{run_dir / A.SHARDS}: already exists; runs are never overwritten")
     source = open_source(cfg.data)
@@ -208,9 +220,11 @@ def ingest(cfg: Config) -> IngestResult:
     if schema is not None and schema.get("task") != cfg.model.task:
         raise PipelineError(
             f"{schema_path}: schema was inferred for task {schema.get('task')!r} but "
-            f"model.task is {cfg.model.task!r}; delete the schema to infer a new one"
+            f"model.task is {cfg.model.task!r}; another model needs its own name (--set "
+            "model.name=NAME: its own schema, runs and versions), or delete the schema to "
+            "infer a new one"
         )
-    previous = _previous_stats(Path(cfg.artifacts))
+    previous = _previous_stats(cfg.model_dir)
 
     log.info("profiling %s", cfg.data.source)
     known = schema["features"] if schema else None
@@ -288,7 +302,7 @@ def ingest(cfg: Config) -> IngestResult:
         A.write_json(run_dir / A.ANOMALIES, report)
         A.write_json(run_dir / A.STATS, stats)
         if any(a.blocking for a in anomalies):
-            raise IngestBlocked(anomalies, run_dir / A.ANOMALIES)
+            raise IngestBlocked(anomalies, run_dir / A.ANOMALIES, None if first else schema_path)
         # Checked before anything is published: a label that cannot work stops the stage.
         vocab = label_vocabulary(cfg, schema, stats) if label_kind == "string" else None
 
@@ -312,7 +326,7 @@ def ingest(cfg: Config) -> IngestResult:
             "runner": cfg.ingest.runner,
         },
     )
-    A.atomic_write_text(Path(cfg.artifacts) / A.LATEST, run_id + "\n")
+    A.atomic_write_text(cfg.model_dir / A.LATEST, run_id + "\n")
     return IngestResult(run_dir, examples | counts, anomalies, bad)
 
 

@@ -348,6 +348,12 @@ def open_source(cfg: DataConfig) -> Source:
     Raises:
         PipelineError: the path does not exist or its format cannot be told.
     """
+    if not cfg.source:
+        raise PipelineError(
+            "data.source: not set; pass --set data.source=PATH (a .csv, an image folder with "
+            "a sub-folder per class, an .npz or TFRecord files) or a config that sets it "
+            "(configs/digits.toml is the bundled example)"
+        )
     path = Path(cfg.source)
     if not path.exists():
         raise PipelineError(f"data.source: {path} does not exist")

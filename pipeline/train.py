@@ -141,7 +141,7 @@ def _reduce_scalar_logs_without_axis() -> None:
 
 def train(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Path:
     """Train, save ``model.keras`` and ``history.json``; return the model's path."""
-    run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+    run_dir = A.resolve_run_dir(cfg.model_dir, cfg.run_id)
     spec = load_spec(run_dir)
     hp, origin = load_hparams(run_dir)
     keras.utils.set_random_seed(cfg.train.seed)

@@ -104,7 +104,7 @@ def tune(cfg: Config, extra_callbacks: list[keras.callbacks.Callback] | None = N
     Raises:
         PipelineError: too many trials failed in a row, or none completed.
     """
-    run_dir = A.resolve_run_dir(cfg.artifacts, cfg.run_id)
+    run_dir = A.resolve_run_dir(cfg.model_dir, cfg.run_id)
     spec = load_spec(run_dir)
     keras.utils.set_random_seed(cfg.train.seed)
     start = time.monotonic()

@@ -495,7 +495,7 @@ def _inputs(work: Path, model: str) -> dict[str, np.ndarray]:
     """One test example, shaped as the served signature expects."""
     from pipeline.datasets import load_spec, make_dataset, to_numpy
 
-    spec = load_spec(work / "artifacts" / "rehearsal")
+    spec = load_spec(work / "artifacts" / model / "rehearsal")
     x, _ = to_numpy(make_dataset(spec, "test", batch_size=8, cache=False))
     return {k: v[:1] for k, v in x.items()}
 

@@ -83,6 +83,7 @@ def config(tmp_path: Path, *overrides: str) -> Config:
         "tune.max_epochs=2",
         "tune.time_limit_s=60",
         "data.shard_size=50",
+        "model.name=m",  # one model across a test's ingests, whatever their files are called
     ]
     tmp_path.mkdir(parents=True, exist_ok=True)
     empty = tmp_path / "empty.toml"  # not ./pipeline.toml: tests start from the defaults

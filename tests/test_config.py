@@ -80,9 +80,14 @@ def test_config_is_frozen(tmp_path):
         cfg.train.epochs = 3  # type: ignore[misc]
 
 
-def test_repository_default_config_is_valid():
-    cfg = load_config(Path(__file__).parent.parent / "pipeline.toml")
-    assert cfg.data.source == "data/digits"
+def test_shipped_configs_are_valid_and_only_the_example_is_about_digits():
+    root = Path(__file__).parent.parent
+    defaults = load_config(root / "pipeline.toml")
+    assert defaults.data.source == "" and defaults.data.image_size == ()
+    assert defaults.data.channels == 0 and defaults.promote.min_metrics == {}
+    digits = load_config(root / "configs" / "digits.toml")
+    assert digits.data.source == "data/digits" and digits.model.name == "digits"
+    assert digits.model_dir == Path("artifacts") / "digits"
 
 
 def test_model_name_defaults_to_the_data_source(tmp_path):

@@ -53,7 +53,7 @@ def test_image_folder(tmp_path, image_dir):
     assert sum(stats[s]["examples"] for s in ("train", "val", "test")) == 24
     rows = read_split(run, "train")
     assert len(rows[0]["image"][0]) == 64
-    assert (tmp_path / "artifacts" / "LATEST").read_text().strip() == run.name
+    assert (tmp_path / "artifacts" / "m" / "LATEST").read_text().strip() == run.name
 
 
 def test_images_are_resized_and_converted(tmp_path):
@@ -230,12 +230,12 @@ def test_missing_column_blocks(tmp_path):
     rows = [[r[0], r[2], r[3]] for r in tabular_rows(100, seed=4)]
     with pytest.raises(IngestBlocked, match="missing_column x2") as e:
         _reingest(tmp_path, ["x1", "color", "label"], rows)
-    next_dir = tmp_path / "artifacts" / "next"
+    next_dir = tmp_path / "artifacts" / "m" / "next"
     assert not (next_dir / "shards").exists()  # nothing half-written
     assert not list(next_dir.glob(".shards-tmp*"))
     report = json.loads((next_dir / "anomalies.json").read_text())
     assert report["anomalies"][0]["kind"] == "missing_column"
-    assert (tmp_path / "artifacts" / "LATEST").read_text().strip() == "base"
+    assert (tmp_path / "artifacts" / "m" / "LATEST").read_text().strip() == "base"
     assert e.value.anomalies
 
 
@@ -307,6 +307,57 @@ def test_missing_label_absent_class_and_imbalance(tmp_path):
     assert kinds(result)["absent_class"][0].details["classes"] == ["no"]
 
 
+def test_each_model_keeps_its_own_schema_runs_and_versions(tmp_path):
+    """Issue #15 point 1: after the quick start's model, a user's own CSV in the same project
+    (no model.name) becomes its own model, never the first one's; the same model name with
+    other data is refused with a message naming the schema file and what to do."""
+    from pipeline.config import load_config
+    from pipeline.evaluate import evaluate
+    from pipeline.export import export
+    from pipeline.train import train
+
+    empty = tmp_path / "empty.toml"
+    empty.touch()
+    base = [
+        f'artifacts="{tmp_path / "artifacts"}"',
+        f'export.model_base_path="{tmp_path / "models"}"',
+        "train.epochs=2",
+        "tune.enabled=false",
+    ]
+    digits = load_config(empty, [*base, f'data.source="{make_images(tmp_path / "digits")}"'])
+    ingest(digits)
+    penguins_csv = write_csv(tmp_path / "penguins.csv", HEADER, tabular_rows(120))
+    penguins = load_config(empty, [*base, f'data.source="{penguins_csv}"', "model.task=binary"])
+    assert (digits.model.name, penguins.model.name) == ("digits", "penguins")
+    result = ingest(penguins)
+    assert not [a for a in result.anomalies if a.blocking]
+    assert result.run_dir.parent == tmp_path / "artifacts" / "penguins"
+    schemas = {p.parent.name for p in (tmp_path / "artifacts").glob("*/schema.json")}
+    assert schemas == {"digits", "penguins"}
+    train(penguins)
+    evaluate(penguins)
+    assert Path(export(penguins)).parent == tmp_path / "models" / "penguins"
+    assert not (tmp_path / "models" / "digits").exists()
+
+    mixed_up = [*base, f'data.source="{penguins_csv}"', "model.name=digits"]
+    with pytest.raises(PipelineError, match=r"schema.json: .*--set model.name=NAME"):
+        ingest(load_config(empty, [*mixed_up, "model.task=binary"]))
+    with pytest.raises(IngestBlocked) as info:
+        ingest(load_config(empty, mixed_up))
+    message = str(info.value)
+    assert str(tmp_path / "artifacts" / "digits" / "schema.json") in message
+    assert "--set model.name=NAME" in message and "delete that schema" in message
+
+
+def test_data_source_must_be_set(tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.touch()
+    from pipeline.config import load_config
+
+    with pytest.raises(PipelineError, match="data.source: not set; pass --set data.source=PATH"):
+        ingest(load_config(empty, [f'artifacts="{tmp_path}"']))
+
+
 def test_blocking_kinds_are_configurable(tmp_path):
     rows = tabular_rows(100, seed=4)
     rows[0][2] = "purple"
@@ -336,7 +387,7 @@ def test_too_many_bad_records_fail(tmp_path):
         (root / "a" / f"bad{i}.jpg").write_bytes(b"garbage")
     with pytest.raises(IngestBlocked, match="bad_records"):
         ingest(config(tmp_path, f'data.source="{root}"'))
-    assert not (tmp_path / "artifacts" / "LATEST").exists()
+    assert not (tmp_path / "artifacts" / "m" / "LATEST").exists()
 
 
 def test_bad_csv_rows_name_the_line(tmp_path):
@@ -449,7 +500,7 @@ def test_a_numeric_target_under_a_classification_task_is_caught(tmp_path):
     path = write_csv(tmp_path / "reg.csv", HEADER, rows)
     with pytest.raises(PipelineError, match="looks like a regression target"):
         ingest(config(tmp_path, f'data.source="{path}"'))
-    assert not list((tmp_path / "artifacts").glob("*/shards"))  # nothing was published
+    assert not list((tmp_path / "artifacts").glob("**/shards"))  # nothing was published
 
 
 def test_a_tiny_validation_or_test_split_is_warned_about(tmp_path):

@@ -56,7 +56,7 @@ def _train_one_epoch(cfg, run_dir):
 def _run_dir(cfg):
     from pipeline.artifacts import resolve_run_dir
 
-    return resolve_run_dir(cfg.artifacts, cfg.run_id)
+    return resolve_run_dir(cfg.model_dir, cfg.run_id)
 
 
 def test_cnn_builds_and_trains(image_run):

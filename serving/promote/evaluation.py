@@ -36,7 +36,7 @@ class EvalData:
 
 
 def load_eval_data(
-    cfg: PromoteConfig, candidate: Path, artifacts: str, prod: Path, model: str
+    cfg: PromoteConfig, candidate: Path, model_dir: Path, prod: Path, model: str
 ) -> EvalData:
     """The data the gates score on: ``promote.eval_data`` (a golden run), else production's
     frozen evaluation set, else (first promotion) the candidate's test split, frozen at push."""
@@ -48,7 +48,7 @@ def load_eval_data(
     if not card_path.exists():
         raise PromotionError(f"{card_path}: missing; was this version exported by the pipeline?")
     card = A.read_json(card_path)
-    run_dir = Path(cfg.eval_data) if cfg.eval_data else Path(artifacts) / card["data"]["run_id"]
+    run_dir = Path(cfg.eval_data) if cfg.eval_data else model_dir / card["data"]["run_id"]
     data = _test_split(run_dir, cfg.eval_examples)
     if not cfg.eval_data:
         data.freeze_from = str(run_dir)

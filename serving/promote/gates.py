@@ -378,7 +378,9 @@ def run_gates(
         for name in ("quality", "compatibility", "infra"):
             gates.append(Gate(name, False, "skipped: integrity failed", {"skipped": True}))
     else:
-        data = load_eval_data(cfg.promote, candidate, cfg.artifacts, paths.prod, paths.model)
+        data = load_eval_data(
+            cfg.promote, candidate, Path(cfg.artifacts) / paths.model, paths.prod, paths.model
+        )
         gates.append(_timed(gate_quality, candidate, stable, data, cfg.promote))
         gates.append(_timed(gate_compatibility, candidate, stable, args.allow_signature_break))
         gates.append(
