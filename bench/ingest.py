@@ -84,6 +84,7 @@ def main() -> dict[str, float]:
         beam = run(str(root / "x1.csv"), root / "beam", root / "c.toml", "ingest.runner=beam", BEAM)
     rate = {k: ROWS * k / v["seconds"] for k, v in results.items()}
     beam_rate = ROWS / beam["seconds"]
+    one, ten = results[1], results[10]
     ratio = results[10]["rss"] / results[1]["rss"]
     above = (results[10]["rss"] - floor) / max(results[1]["rss"] - floor, 1e-9)
     body = f"""
@@ -93,9 +94,9 @@ ingest (profile pass, shards, statistics, data gate), one process each.
 | run | rows/s | wall (s) | peak RSS (MB) |
 |---|---|---|---|
 | import the pipeline only | | | {floor:.0f} |
-| local, 1x ({ROWS:,} rows) | **{rate[1]:,.0f}** | {results[1]["seconds"]:.1f} | {results[1]["rss"]:.0f} |
-| local, 10x ({10 * ROWS:,} rows) | **{rate[10]:,.0f}** | {results[10]["seconds"]:.1f} | {results[10]["rss"]:.0f} |
-| Beam DirectRunner, 2 workers, 1x | {beam_rate:,.0f} | {beam["seconds"]:.1f} | {beam["rss"]:.0f} (launcher) |
+| local, 1x ({ROWS:,} rows) | **{rate[1]:,.0f}** | {one["seconds"]:.1f} | {one["rss"]:.0f} |
+| local, 10x ({10 * ROWS:,} rows) | **{rate[10]:,.0f}** | {ten["seconds"]:.1f} | {ten["rss"]:.0f} |
+| Beam DirectRunner, 2 workers, 1x | {beam_rate:,.0f} | {beam["seconds"]:.1f} | {beam["rss"]:.0f} |
 
 Local ingest: **{min(rate.values()):,.0f} rows/s** (goal ≥ 100,000). **10x / 1x peak RSS:
 {ratio:.2f}** (goal ≤ 1.3); above the import floor {above:.2f}x. Beam / local at 1x:

@@ -10,6 +10,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     "ingest.py",
     "train_throughput.py",
+    "train_workers.py",
     "train_export.py",
     "server_latency.py",
     "client.py",

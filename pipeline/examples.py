@@ -73,7 +73,7 @@ class ExampleEncoder:
             n: _entry(n, _floats_feature(np.zeros(1)))[:-4]
             for n in ([label_name] if label_kind == "float" else []) + self.floats
         }
-        self.cache: dict[str, dict[str, bytes]] = {}
+        self.cache: dict[str, dict[str | None, bytes]] = {}
 
     def encode(self, batch: Batch) -> list[bytes]:
         n = len(batch)
@@ -137,26 +137,24 @@ class ExampleEncoder:
                         for v in batch.columns[name]
                     ]
                 )
-        join = b"".join
-        head = _HEADS
-        out = []
-        for parts in zip(*columns):
-            body = join(parts)
-            size = len(body)
-            out.append((head[size] if size < len(head) else b"\x0a" + _varint(size)) + body)
-        return out
+        # map/zip run these per-row loops in C.
+        bodies = list(map(b"".join, zip(*columns)))
+        sizes = list(map(len, bodies))
+        if max(sizes) < len(_HEADS):
+            return list(map(bytes.__add__, map(_HEADS.__getitem__, sizes), bodies))
+        return [b"\x0a" + _varint(size) + body for size, body in zip(sizes, bodies)]
 
     def _strings(self, name: str, values: list[str | None]) -> list[bytes]:
         """Each value's entry (b"" where missing), encoded once per distinct value."""
         cache = self.cache.setdefault(name, {})
-        out = []
-        for value in values:
-            entry = cache.get(value)  # type: ignore[arg-type]
-            if entry is None:
-                entry = b"" if value is None else _entry(name, _bytes_feature(value.encode()))
-                if len(cache) < self.MAX_CACHED:
-                    cache[value] = entry  # type: ignore[index]
-            out.append(entry)
+        new = set(values).difference(cache)
+        if len(cache) + len(new) > self.MAX_CACHED:  # a free-text column: no cache
+            cache.clear()
+        for value in new:
+            cache[value] = b"" if value is None else _entry(name, _bytes_feature(value.encode()))
+        out = list(map(cache.__getitem__, values))
+        if len(cache) > self.MAX_CACHED:
+            cache.clear()
         return out
 
 
@@ -168,7 +166,7 @@ def split_indices(keys: list[bytes], split: dict[str, float], salt: str) -> np.n
     """
     prefix = salt.encode() + b"\0"
     sha = hashlib.sha256
-    heads = b"".join(sha(prefix + k).digest()[:8] for k in keys)
+    heads = b"".join([sha(prefix + k).digest()[:8] for k in keys])
     u = np.frombuffer(heads, dtype=">u8").astype(np.float64) / 2.0**64
     return np.where(
         u < split["train"], 0, np.where(u < split["train"] + split["val"], 1, 2)

@@ -15,6 +15,7 @@ statistics; only the order of examples inside the shards differs.
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import shutil
 import struct
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+import numpy as np
 
 from pipeline import artifacts as A
 from pipeline.artifacts import PipelineError
@@ -146,23 +148,27 @@ def write_part(
                 progress.postfix = f"{written.counts['bad']} bad"
 
 
-def _masked_crc(data: bytes) -> bytes:
-    crc = google_crc32c.value(data)
-    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+def _masked_crcs(data: list[bytes]) -> np.ndarray:
+    """TFRecord's masked CRC-32C of each item, as little-endian uint32."""
+    crc = np.fromiter(map(google_crc32c.value, data), dtype=np.uint64, count=len(data))
+    return ((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF).astype("<u4")
+
+
+_HEADS: dict[int, bytes] = {}  # record length → its 12-byte TFRecord header
 
 
 def tfrecord_frames(records: list[bytes]) -> bytes:
     """Records in TFRecord framing: length, its masked CRC-32C, data, the data's masked CRC."""
-    out: list[bytes] = []
-    heads: dict[int, bytes] = {}
-    crc = _masked_crc
-    for data in records:
-        head = heads.get(len(data))
+    heads = []
+    for n in map(len, records):
+        head = _HEADS.get(n)
         if head is None:
-            length = struct.pack("<Q", len(data))
-            head = heads[len(data)] = length + crc(length)
-        out += (head, data, crc(data))
-    return b"".join(out)
+            length = struct.pack("<Q", n)
+            head = _HEADS[n] = length + _masked_crcs([length]).tobytes()
+        heads.append(head)
+    tails = _masked_crcs(records).tobytes()
+    crcs = [tails[i : i + 4] for i in range(0, len(tails), 4)]
+    return b"".join(itertools.chain.from_iterable(zip(heads, records, crcs)))
 
 
 class _ShardWriter:
@@ -225,7 +231,25 @@ def ingest(cfg: Config) -> IngestResult:
             "infer a new one"
         )
     previous = _previous_stats(cfg.model_dir)
+    # Worker processes for both passes of a large local source (None: this process alone).
+    pool = None if cfg.ingest.runner == "beam" else _pool(len(source.parts()))
+    try:
+        return _ingest(cfg, run_id, run_dir, source, schema, previous, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
+
+def _ingest(
+    cfg: Config,
+    run_id: str,
+    run_dir: Path,
+    source: Source,
+    schema: dict[str, Any] | None,
+    previous: dict[str, Any] | None,
+    pool: Any,
+) -> IngestResult:
+    schema_path = cfg.schema_path
     log.info("profiling %s", cfg.data.source)
     known = schema["features"] if schema else None
     if cfg.ingest.runner == "beam":
@@ -233,7 +257,7 @@ def ingest(cfg: Config) -> IngestResult:
 
         profile = beam_ingest.profile(source, known, cfg.ingest.beam_args)
     else:
-        profile = source.profile(known)
+        profile = _profile_local(source, known, pool)
     for name in profile.kinds:
         if name == cfg.data.label_column:
             raise PipelineError(f"feature {name!r} has the same name as the label")
@@ -263,9 +287,11 @@ def ingest(cfg: Config) -> IngestResult:
     tmp.mkdir()
     try:
         if cfg.ingest.runner == "beam":
+            from pipeline import beam_ingest
+
             written = beam_ingest.write(plan, tmp, cfg.data, profile.rows, cfg.ingest.beam_args)
         else:
-            written = _write_local(plan, tmp, cfg, profile.rows)
+            written = _write_local(plan, tmp, cfg, profile.rows, pool)
         acc, counts, bad = written.stats, written.counts, written.bad
         examples = written.examples
 
@@ -330,20 +356,82 @@ def ingest(cfg: Config) -> IngestResult:
     return IngestResult(run_dir, examples | counts, anomalies, bad)
 
 
-def _write_local(plan: Plan, tmp: Path, cfg: Config, rows: int) -> Written:
-    writers = {s: _ShardWriter(tmp, s, cfg.data.shard_size, cfg.data.compression) for s in SPLITS}
+def _pool(parts: int) -> Any:
+    """Worker processes for a source of several parts (one per core), else None.
+
+    Spawned, not forked: the parent may hold TensorFlow's threads; the workers import only the
+    ingest (NumPy, pyarrow) and never TensorFlow.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    from pipeline.sources import _cores
+
+    workers = min(parts, _cores())
+    if workers < 2:
+        return None
+    context = multiprocessing.get_context("spawn")
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+
+
+def _profile_local(source: Source, known: dict[str, Any] | None, pool: Any) -> Any:
+    if pool is None:
+        return source.profile(known)
+    parts = source.parts()
+    accs = list(pool.map(source.profile_part, parts, [known] * len(parts)))
+    acc = accs[0]
+    for other in accs[1:]:
+        acc.merge(other)
+    return source.finish_profile(acc, known)
+
+
+def _write_shards(
+    plan: Plan, parts: list[Any], directory: Path, cfg: Config, progress: Progress | None = None
+) -> Written:
+    """The parts' shards into ``directory`` (SPLIT-00000… of ``data.shard_size``)."""
+    writers = {
+        s: _ShardWriter(directory, s, cfg.data.shard_size, cfg.data.compression) for s in SPLITS
+    }
     encoder = ExampleEncoder(plan.label_name, plan.label_kind, plan.kinds)
     written = Written(plan.new_stats())
-    progress = Progress("ingest", rows or None, "rows")
     try:
-        for part in plan.source.parts():
+        for part in parts:
             for split, records in write_part(plan, part, encoder, written, progress):
                 writers[split].write(records)
     finally:
-        progress.close()
         for w in writers.values():
             w.close()
     return written
+
+
+def _write_local(plan: Plan, tmp: Path, cfg: Config, rows: int, pool: Any) -> Written:
+    """The second pass in this process, or over the parts on one worker process per core; the
+    shards are then renamed part by part into one sequence per split, so the result does not
+    depend on how many workers ran."""
+    parts = plan.source.parts()
+    progress = Progress("ingest", rows or None, "rows")
+    try:
+        if pool is None:
+            return _write_shards(plan, parts, tmp, cfg, progress)
+        written = Written(plan.new_stats())
+        dirs = [tmp / f".part-{i:05d}" for i in range(len(parts))]
+        for d in dirs:
+            d.mkdir()
+        futures = [pool.submit(_write_shards, plan, [p], d, cfg) for p, d in zip(parts, dirs)]
+        for future in futures:  # in order: the merged statistics are the same every run
+            part = future.result()
+            written.merge(part)
+            progress.update(part.counts["total"])
+        index = dict.fromkeys(SPLITS, 0)
+        for d in dirs:
+            for split in SPLITS:
+                for f in sorted(d.glob(f"{split}-*")):
+                    f.rename(tmp / f"{split}-{index[split]:05d}{f.name[f.name.index('.') :]}")
+                    index[split] += 1
+            d.rmdir()
+        return written
+    finally:
+        progress.close()
 
 
 def label_vocabulary(cfg: Config, schema: dict[str, Any], stats: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import io
 import math
+import os
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -601,14 +602,18 @@ class CsvSource(Source):
         if self._parts is None:
             size = self.path.stat().st_size
             whole = CsvPart(self.data_start, size, self.data_line)
-            if size - self.data_start <= self.PART:
+            # One part up to 32 MiB (worker processes would cost more than they save), else
+            # enough parts to keep every core busy, none smaller than a block or above PART.
+            data = size - self.data_start
+            target = min(self.PART, max(self.BLOCK, data // (4 * _cores())))
+            if data <= min(self.PART, 32 << 20):
                 self._parts = [whole]
             else:
                 self._parts = []
                 start, line, pos = self.data_start, self.data_line, self.data_start
                 for block, first in self._blocks(whole):
                     pos += len(block)
-                    if pos - start >= self.PART or pos >= size:
+                    if pos - start >= target or pos >= size:
                         end_line = first + block.count(b"\n")
                         self._parts.append(CsvPart(start, pos, line))
                         start, line = pos, end_line
@@ -858,6 +863,10 @@ class CsvSource(Source):
             yield Record(key, origin, None if label in self.missing else label, features)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _first_row_end(data: bytes) -> int:
     """The offset just after the first newline of ``data`` outside quotes, or -1."""
     pos = 0
@@ -888,7 +897,7 @@ def _content_keys(columns: list[Any]) -> list[bytes]:
         pieces += [prefix.cast(pa.binary()), data]
     joined = pc.binary_join_element_wise(*pieces, b"")
     sha = hashlib.sha256
-    return [sha(b).digest() for b in joined.to_pylist()]
+    return [h.digest() for h in map(sha, joined.to_pylist())]
 
 
 # --------------------------------------------------------------------------------------------

@@ -106,13 +106,14 @@ def test_run_keeps_its_own_run_id_when_latest_moves(tmp_path, monkeypatch):
     def fake_stage(stage, cfg):
         seen.append((stage, cfg.run_id))
         # Another ingest lands while this run is between stages.
-        (tmp_path / "art" / "someone-else").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "art" / "LATEST").write_text("someone-else\n")
+        (tmp_path / "art" / "m" / "someone-else").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "art" / "m" / "LATEST").write_text("someone-else\n")
 
     monkeypatch.setattr(cli, "run_stage", fake_stage)
     monkeypatch.setattr(cli.console, "quiet_tensorflow", lambda: None)
     (tmp_path / "c.toml").write_text("")
     argv = ["run", "--config", str(tmp_path / "c.toml"), "--set", f'artifacts="{tmp_path / "art"}"']
+    argv += ["--set", "model.name=m"]
     assert cli.main([*argv, "--stages", "ingest,train,evaluate"]) == 0
     ids = {run_id for _, run_id in seen}
     assert len(ids) == 1 and "someone-else" not in ids
