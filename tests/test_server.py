@@ -298,6 +298,15 @@ def test_classify_and_regress(serve, two_versions):
     err = rpc_error(c.predict_stub.Classify, req, timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == "Expected one or two output Tensors, found 3"
+    # A runtime error comes back whole, as TF Serving's C++ status has it (every line, node
+    # included), without what Python's function call adds around it.
+    req.model_spec.signature_name = "classification"
+    del req.input.example_list.examples[:]
+    req.input.example_list.examples.append(_example([1, 1, 1]))
+    err = rpc_error(c.predict_stub.Classify, req, timeout=10)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("Name: <unknown>, Key: x, Index: 0.  Number of float values")
+    assert "\n\t [[{{function_node " in err.details() and "[Op:" not in err.details()
     code, body = c.http(
         "/v1/models/tiny:classify",
         {"signature_name": "classification", "examples": [{"x": [1.0, 1.0]}]},
