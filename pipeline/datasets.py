@@ -137,7 +137,8 @@ def parse_serving_examples(spec: DataSpec, serialized: tf.Tensor) -> dict[str, t
     """
     fspec = feature_spec(spec, with_label=False)
     numeric = {n: f for n, f in fspec.items() if f.dtype == tf.float32}
-    out = tf.io.parse_example(serialized, {n: f for n, f in fspec.items() if n not in numeric})
+    others = {n: f for n, f in fspec.items() if n not in numeric}
+    out = tf.io.parse_example(serialized, others) if others else {}
     if not numeric:
         return out
     flat = tf.reshape(serialized, [-1])
