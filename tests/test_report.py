@@ -97,13 +97,15 @@ def test_report_command_and_a_run_not_evaluated(runs, tmp_path, capsys):
 
     run = runs["images"]
     out = tmp_path / "page.html"
-    artifacts = str(run.parent)
+    artifacts = str(run.parent.parent)  # artifacts/NAME/RUN_ID
     assert (
         main(
             [
                 "report",
                 "--set",
                 f'artifacts="{artifacts}"',
+                "--set",
+                f"model.name={run.parent.name}",
                 "--run-id",
                 run.name,
                 "--out",
