@@ -376,6 +376,7 @@ def test_two_workers_train_like_one(tmp_path):
     (tmp_path / "c.toml").write_text("")
     sets = [
         f'artifacts="{tmp_path / "art"}"',
+        "model.name=m",
         f'data.source="{data}"',
         'model.task="binary"',
         "train.epochs=8",
@@ -394,7 +395,7 @@ def test_two_workers_train_like_one(tmp_path):
         )
 
     assert pipeline("ingest").wait(timeout=300) == 0
-    run = tmp_path / "art" / (tmp_path / "art" / "LATEST").read_text().strip()
+    run = tmp_path / "art" / "m" / (tmp_path / "art" / "m" / "LATEST").read_text().strip()
     single = pipeline("train")
     single_out = single.communicate(timeout=300)[0]
     assert single.returncode == 0, single_out[-3000:]
@@ -443,6 +444,7 @@ def test_a_killed_worker_and_its_peer_resume_from_their_backups(tmp_path):
     (tmp_path / "c.toml").write_text("")
     sets = [
         f'artifacts="{tmp_path / "art"}"',
+        "model.name=m",
         f'data.source="{data}"',
         'model.task="binary"',
         "train.epochs=10",
@@ -454,7 +456,7 @@ def test_a_killed_worker_and_its_peer_resume_from_their_backups(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pipeline", "ingest", *args], env=env, check=True, timeout=300
     )
-    run = tmp_path / "art" / (tmp_path / "art" / "LATEST").read_text().strip()
+    run = tmp_path / "art" / "m" / (tmp_path / "art" / "m" / "LATEST").read_text().strip()
 
     def start_workers() -> list[subprocess.Popen]:
         hosts = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
@@ -532,6 +534,7 @@ def test_distributed_tuning_ends_cleanly_at_a_5_second_limit(tmp_path):
     (tmp_path / "c.toml").write_text("")
     sets = [
         f'artifacts="{tmp_path / "art"}"',
+        "model.name=m",
         f'data.source="{data}"',
         "tune.time_limit_s=5",
         "tune.max_trials=100",
@@ -566,7 +569,7 @@ def test_distributed_tuning_ends_cleanly_at_a_5_second_limit(tmp_path):
         assert process.returncode == 0, out[-3000:]
     for worker in workers:
         assert "done" in outputs[worker]
-    run = tmp_path / "art" / (tmp_path / "art" / "LATEST").read_text().strip()
+    run = tmp_path / "art" / "m" / (tmp_path / "art" / "m" / "LATEST").read_text().strip()
     assert json.loads((run / "hparams.json").read_text())["values"]
     summary = json.loads((run / "tuning.json").read_text())
     assert summary["trials"] and len(summary["trials"]) < 100  # the clock, not the count
