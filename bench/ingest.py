@@ -37,7 +37,8 @@ if sys.argv[1] != "-":
     ingest(cfg)
     seconds = time.perf_counter() - start
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"rss": rss, "seconds": seconds}))
+workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"rss": rss, "workers": workers, "seconds": seconds}))
 """
 
 BEAM = (
@@ -72,6 +73,15 @@ def run(source: str, artifacts: Path, cfg: Path, *sets: str) -> dict[str, float]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+REPEATS = 3
+
+
+def row(name: str, rows: int, run: dict[str, float]) -> str:
+    rate = f"**{rows / run['seconds']:,.0f}**"
+    workers = f"{run['workers']:.0f}" if run.get("workers") else ""
+    return f"| {name} | {rate} | {run['seconds']:.1f} | {run['rss']:.0f} | {workers} |"
+
+
 def main() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -80,28 +90,34 @@ def main() -> dict[str, float]:
         for scale in (1, 10):
             path = root / f"x{scale}.csv"
             make_csv(path, ROWS * scale)
-            results[scale] = run(str(path), root / f"art{scale}", root / "c.toml")
+            runs = [
+                run(str(path), root / f"art{scale}-{i}", root / "c.toml") for i in range(REPEATS)
+            ]
+            results[scale] = sorted(runs, key=lambda r: r["seconds"])[REPEATS // 2]  # median
         beam = run(str(root / "x1.csv"), root / "beam", root / "c.toml", "ingest.runner=beam", BEAM)
     rate = {k: ROWS * k / v["seconds"] for k, v in results.items()}
+    # Memory per process: the launcher's or its largest worker's, whichever is larger.
+    peak = {k: max(v["rss"], v["workers"]) for k, v in results.items()}
+    ratio = peak[10] / peak[1]
+    above = (peak[10] - floor) / max(peak[1] - floor, 1e-9)
     beam_rate = ROWS / beam["seconds"]
-    one, ten = results[1], results[10]
-    ratio = results[10]["rss"] / results[1]["rss"]
-    above = (results[10]["rss"] - floor) / max(results[1]["rss"] - floor, 1e-9)
     body = f"""
 CSV source (4 numeric + 1 categorical column + label), {ROWS:,} and {10 * ROWS:,} rows; whole
-ingest (profile pass, shards, statistics, data gate), one process each.
+ingest (profile pass, shards, statistics, data gate) in a fresh process, median of {REPEATS} runs.
 
-| run | rows/s | wall (s) | peak RSS (MB) |
-|---|---|---|---|
-| import the pipeline only | | | {floor:.0f} |
-| local, 1x ({ROWS:,} rows) | **{rate[1]:,.0f}** | {one["seconds"]:.1f} | {one["rss"]:.0f} |
-| local, 10x ({10 * ROWS:,} rows) | **{rate[10]:,.0f}** | {ten["seconds"]:.1f} | {ten["rss"]:.0f} |
-| Beam DirectRunner, 2 workers, 1x | {beam_rate:,.0f} | {beam["seconds"]:.1f} | {beam["rss"]:.0f} |
+| run | rows/s | wall (s) | peak RSS (MB) | largest worker's peak RSS (MB) |
+|---|---|---|---|---|
+| import the pipeline only | | | {floor:.0f} | |
+{row(f"local, 1x ({ROWS:,} rows)", ROWS, results[1])}
+{row(f"local, 10x ({10 * ROWS:,} rows)", 10 * ROWS, results[10])}
+{row("Beam DirectRunner, 2 workers, 1x", ROWS, {**beam, "workers": 0})}
 
-Local ingest: **{min(rate.values()):,.0f} rows/s** (goal ≥ 100,000). **10x / 1x peak RSS:
-{ratio:.2f}** (goal ≤ 1.3); above the import floor {above:.2f}x. Beam / local at 1x:
-{beam_rate / rate[1]:.2f} (the DirectRunner moves every example through its own machinery; it
-is there to test the pipeline that Dataflow, Flink or Spark run at scale).
+Local ingest: **{min(rate.values()):,.0f} rows/s** at 1x, {rate[10]:,.0f} at 10x (goal ≥ 100,000),
+one worker process per core for a file of more than one 4 MiB block (the workers' start, about
+0.5 s, weighs on the 1x run). **10x / 1x peak RSS per process: {ratio:.2f}** (goal ≤ 1.3); above
+the import floor {above:.2f}x. Beam / local at 1x: {beam_rate / rate[1]:.2f} (the DirectRunner
+moves every example through its own machinery; it is there to test the pipeline that Dataflow,
+Flink or Spark run at scale).
 """
     write_section("Ingest speed and memory", body)
     return {"rows_per_s": min(rate.values()), "ratio": ratio}

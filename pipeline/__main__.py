@@ -154,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = write_report(run_dir, Path(args.audit), Path(args.out) if args.out else None)
             print(f"report: {out}")
             return 0
-        console.quiet_tensorflow()
+        if args.command != "ingest":  # ingest imports TensorFlow only to read TFRecord files
+            console.quiet_tensorflow()
         if args.command == "run":
             stages = [s.strip() for s in args.stages.split(",") if s.strip()]
             unknown = [s for s in stages if s not in STAGES]

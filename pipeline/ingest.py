@@ -19,6 +19,7 @@ import itertools
 import logging
 import shutil
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,8 +360,8 @@ def _ingest(
 def _pool(parts: int) -> Any:
     """Worker processes for a source of several parts (one per core), else None.
 
-    Spawned, not forked: the parent may hold TensorFlow's threads; the workers import only the
-    ingest (NumPy, pyarrow) and never TensorFlow.
+    Forked (milliseconds) while this process has not started TensorFlow, whose threads a fork
+    must not copy; spawned otherwise (each worker then imports the ingest, about 0.5 s).
     """
     import concurrent.futures
     import multiprocessing
@@ -370,7 +371,7 @@ def _pool(parts: int) -> Any:
     workers = min(parts, _cores())
     if workers < 2:
         return None
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork" if "tensorflow" not in sys.modules else "spawn")
     return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
 
 

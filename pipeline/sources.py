@@ -514,7 +514,7 @@ class CsvSource(Source):
     """A CSV file with a header row; the label is ``data.label_column``."""
 
     BLOCK = 4 << 20  # bytes parsed at once
-    PART = 64 << 20  # bytes per part (a unit of parallel work for Beam)
+    PART = 64 << 20  # bytes per part at most (a unit of parallel work)
 
     def __init__(self, path: Path, cfg: DataConfig):
         self.path = path
@@ -576,14 +576,16 @@ class CsvSource(Source):
             )
         return header, end, 1 + data[:end].count(b"\n")
 
-    def _blocks(self, part: CsvPart) -> Iterator[tuple[bytes, int]]:
-        """(bytes, line of its first row) of about ``BLOCK`` bytes, cut between rows."""
+    def _blocks(self, part: CsvPart, size: int = 0) -> Iterator[tuple[bytes, int]]:
+        """(bytes, line of its first row) of about ``size`` (``BLOCK``) bytes, cut between
+        rows."""
+        size = size or self.BLOCK
         line = part.line
         with open(self.path, "rb") as f:
             f.seek(part.start)
             pos, carry = part.start, b""
             while pos < part.end or carry:
-                want = min(self.BLOCK, part.end - pos)
+                want = min(size, part.end - pos)
                 data = carry + f.read(want)
                 pos += want
                 if pos >= part.end:
@@ -602,16 +604,16 @@ class CsvSource(Source):
         if self._parts is None:
             size = self.path.stat().st_size
             whole = CsvPart(self.data_start, size, self.data_line)
-            # One part up to 32 MiB (worker processes would cost more than they save), else
-            # enough parts to keep every core busy, none smaller than a block or above PART.
+            # A file of one block is one part; a larger one gets enough parts to keep every
+            # core busy (workers for two blocks already beat one process), each within PART.
             data = size - self.data_start
             target = min(self.PART, max(self.BLOCK, data // (4 * _cores())))
-            if data <= min(self.PART, 32 << 20):
+            if data <= min(self.PART, self.BLOCK):
                 self._parts = [whole]
             else:
                 self._parts = []
                 start, line, pos = self.data_start, self.data_line, self.data_start
-                for block, first in self._blocks(whole):
+                for block, first in self._blocks(whole, max(1, target // 8)):
                     pos += len(block)
                     if pos - start >= target or pos >= size:
                         end_line = first + block.count(b"\n")
@@ -1046,7 +1048,9 @@ class TFRecordSource(Source):
         return [str(p) for p in self.files]
 
     def _examples(self, files: list[str]) -> Iterator[tuple[str, bytes | None, str]]:
-        import tensorflow as tf
+        from pipeline.console import quiet_tensorflow
+
+        tf = quiet_tensorflow()
 
         for path in files:
             compression = "GZIP" if path.lower().endswith(".gz") else ""

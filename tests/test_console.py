@@ -46,8 +46,27 @@ def test_a_stage_prints_progress_and_no_tensorflow_startup_noise(tmp_path):
         timeout=300,
     )
     if any(NOISE.search(line.encode()) for line in bare.stderr.splitlines()):
-        verbose = _run("ingest", "-v", *common, cwd=tmp_path)
-        assert any(NOISE.search(line.encode()) for line in verbose.stderr.splitlines())
+        # A CSV ingest never imports TensorFlow; reading TFRecord files does.
+        import tensorflow as tf
+
+        with tf.io.TFRecordWriter(str(tmp_path / "d.tfrecord")) as w:
+            for i in range(40):
+                feature = {
+                    "x": tf.train.Feature(float_list=tf.train.FloatList(value=[float(i)])),
+                    "label": tf.train.Feature(
+                        bytes_list=tf.train.BytesList(value=[b"ab"[i % 2 :][:1]])
+                    ),
+                }
+                w.write(
+                    tf.train.Example(
+                        features=tf.train.Features(feature=feature)
+                    ).SerializeToString()
+                )
+        tfr = ["--set", "data.source='d.tfrecord'", "--set", "artifacts='art2'"]
+        for flags, noisy in (((), False), (("-v",), True)):
+            r = _run("ingest", *flags, *tfr, cwd=tmp_path)
+            assert r.returncode == 0, r.stderr
+            assert any(NOISE.search(line.encode()) for line in r.stderr.splitlines()) == noisy
 
 
 def test_plain_progress_lines_when_not_a_terminal(capsys, monkeypatch):
