@@ -113,8 +113,8 @@ ingest (profile pass, shards, statistics, data gate) in a fresh process, median 
 {row("Beam DirectRunner, 2 workers, 1x", ROWS, {**beam, "workers": 0})}
 
 Local ingest: **{min(rate.values()):,.0f} rows/s** at 1x, {rate[10]:,.0f} at 10x (goal ≥ 100,000),
-one worker process per core for a file of more than one 4 MiB block (the workers' start, about
-0.5 s, weighs on the 1x run). **10x / 1x peak RSS per process: {ratio:.2f}** (goal ≤ 1.3); above
+one worker process per core (forked: TensorFlow is not loaded) for a file of more than one 4 MiB
+block. **10x / 1x peak RSS per process: {ratio:.2f}** (goal ≤ 1.3); above
 the import floor {above:.2f}x. Beam / local at 1x: {beam_rate / rate[1]:.2f} (the DirectRunner
 moves every example through its own machinery; it is there to test the pipeline that Dataflow,
 Flink or Spark run at scale).
