@@ -33,7 +33,7 @@ from pipeline.artifacts import PipelineError
 from pipeline.config import Config
 from pipeline.console import Progress
 from pipeline.data_validation import Anomaly, histogram_edges, infer_schema, validate
-from pipeline.examples import SPLITS, ExampleEncoder, by_split, split_indices
+from pipeline.examples import SPLITS, ExampleEncoder, by_split
 from pipeline.sources import Source, open_source
 from pipeline.statistics import SplitStats
 
@@ -77,11 +77,6 @@ class IngestResult:
     counts: dict[str, int]
     anomalies: list[Anomaly]
     bad_records: list[dict[str, str]]
-
-
-def split_of(key: bytes, split: dict[str, float], salt: str) -> str:
-    """The split of an example, from a stable hash of its key (independent of order or size)."""
-    return SPLITS[int(split_indices([key], split, salt)[0])]
 
 
 @dataclass

@@ -333,7 +333,8 @@ class Source:
             acc.merge(self.profile_part(part, known))
         return self.finish_profile(acc, known)
 
-    def records(self, kinds: dict[str, str], part: Any = None) -> Iterator[Record | BadRecord]:
+    def records(self, kinds: dict[str, str], part: Any) -> Iterator[Record | BadRecord]:
+        """The inputs of one part, one at a time (sources read record by record)."""
         raise NotImplementedError
 
     def batches(
@@ -447,11 +448,11 @@ class ImageFolderSource(Source):
         self.geometry = resolve_geometry(self.cfg, known, "image", acc.sizes, acc.modes)
         return Profile({"image": "image"}, {}, acc.rows, "string")
 
-    def records(self, kinds: dict[str, str], part: Any = None) -> Iterator[Record | BadRecord]:
+    def records(self, kinds: dict[str, str], part: Any) -> Iterator[Record | BadRecord]:
         from PIL import Image, UnidentifiedImageError
 
         assert self.geometry is not None, "profile() first"
-        for label, name in part if part is not None else self._files():
+        for label, name in part:
             path = Path(name)
             rel = path.relative_to(self.root).as_posix()
             try:
@@ -994,7 +995,7 @@ class NpzSource(Source):
         label_kind = min(acc.label_kinds)  # "float" only when y is a float array
         return Profile(dict(acc.kinds), acc.ranges(), acc.rows, label_kind, acc.vector_lengths())
 
-    def records(self, kinds: dict[str, str], part: Any = None) -> Iterator[Record | BadRecord]:
+    def records(self, kinds: dict[str, str], part: Any) -> Iterator[Record | BadRecord]:
         from PIL import Image
 
         archive, x, y = self._open()
@@ -1132,12 +1133,11 @@ class TFRecordSource(Source):
         ranges = {n: r for n, r in acc.ranges().items() if n in acc.kinds}
         return Profile(dict(acc.kinds), ranges, acc.rows, label_kind, acc.vector_lengths())
 
-    def records(self, kinds: dict[str, str], part: Any = None) -> Iterator[Record | BadRecord]:
+    def records(self, kinds: dict[str, str], part: Any) -> Iterator[Record | BadRecord]:
         from PIL import Image
 
         geometry = self.geometry
-        files = [part] if part is not None else self.parts()
-        for origin, raw, error in self._examples(files):
+        for origin, raw, error in self._examples([part]):
             if raw is None:
                 yield BadRecord(origin, error)
                 continue

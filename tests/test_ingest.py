@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from pipeline.__main__ import main
 from pipeline.artifacts import PipelineError
-from pipeline.ingest import IngestBlocked, ingest, split_of
+from pipeline.examples import split_indices
+from pipeline.ingest import IngestBlocked, ingest
 from tests.conftest import config, make_images, tabular_rows, write_csv
 
 HEADER = ["x1", "x2", "color", "label"]
@@ -206,12 +207,13 @@ def test_split_is_stable_when_data_grows(tmp_path):
     assert {"train", "val", "test"} <= set(before.values())
 
 
-def test_split_of_follows_ratios():
+def test_split_follows_ratios_and_depends_only_on_the_key():
     split = {"train": 0.7, "val": 0.1, "test": 0.2}
-    got = [split_of(str(i).encode(), split, "s") for i in range(20000)]
-    assert abs(got.count("train") / 20000 - 0.7) < 0.02
-    assert abs(got.count("test") / 20000 - 0.2) < 0.02
-    assert split_of(b"k", split, "s") == split_of(b"k", split, "s")
+    keys = [str(i).encode() for i in range(20000)]
+    got = split_indices(keys, split, "s").tolist()
+    assert abs(got.count(0) / 20000 - 0.7) < 0.02
+    assert abs(got.count(2) / 20000 - 0.2) < 0.02
+    assert split_indices(keys[::-1], split, "s").tolist() == got[::-1]
 
 
 # --- the data gate on a second ingest ----------------------------------------------------------
