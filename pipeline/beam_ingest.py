@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,9 +155,7 @@ def write(plan: Plan, tmp: Path, data: DataConfig, rows: int, beam_args: Sequenc
             if _has_records(f, gzip):
                 f.rename(tmp / f"{split}-{index:05d}{suffix}")
                 index += 1
-    for f in beam_dir.iterdir():
-        f.unlink()
-    beam_dir.rmdir()
+    shutil.rmtree(beam_dir)  # empty shards, the pickle, anything a runner left behind
     return written
 
 
