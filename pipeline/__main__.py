@@ -16,9 +16,11 @@ from pipeline.config import Config, ConfigError, load_config
 STAGES = ("ingest", "tune", "train", "evaluate", "export")
 
 EPILOG = """\
-configuration: pipeline.toml (or --config FILE), then each --set section.key=value in order,
-e.g. --set train.epochs=5 --set 'data.split={train=0.8,val=0.1,test=0.1}'.
-Later stages work on the newest ingested run (artifacts/LATEST) unless --run-id is given.
+configuration: ./pipeline.toml (or --config FILE; configs/digits.toml is the bundled example),
+then each --set section.key=value in order, e.g. --set data.source=churn.csv --set
+train.epochs=5 --set 'data.split={train=0.8,val=0.1,test=0.1}'.
+Each model (model.name, default: the data file's name) keeps its schema and runs in
+artifacts/NAME/; later stages work on its newest run (artifacts/NAME/LATEST) unless --run-id.
 exit codes: 0 ok, 1 stage failed (message on stderr), 2 invalid configuration or arguments."""
 
 
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config value (repeatable)",
     )
-    common.add_argument("--run-id", help="work in artifacts/RUN_ID (default: newest run)")
+    common.add_argument("--run-id", help="work in artifacts/NAME/RUN_ID (default: newest run)")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     common.add_argument(
         "-v",
