@@ -20,6 +20,7 @@ Feature kinds:
 
 from __future__ import annotations
 
+import abc
 import csv
 import hashlib
 import io
@@ -308,7 +309,7 @@ def _image_header(data: Any) -> tuple[tuple[int, int], str] | None:
         return None
 
 
-class Source:
+class Source(abc.ABC):
     """A streaming data source. ``geometry`` is set by :meth:`profile` for image data.
 
     Parts are small picklable descriptions (paths, byte ranges), so a Beam worker can read one
@@ -320,11 +321,13 @@ class Source:
     def parts(self) -> list[Any]:
         return [None]
 
+    @abc.abstractmethod
     def profile_part(self, part: Any, known: dict[str, Any] | None) -> ProfileAcc:
-        raise NotImplementedError
+        """The first pass over one part."""
 
+    @abc.abstractmethod
     def finish_profile(self, acc: ProfileAcc, known: dict[str, Any] | None) -> Profile:
-        raise NotImplementedError
+        """Every part's first pass, merged, → the profile (and ``geometry``)."""
 
     def profile(self, known: dict[str, Any] | None) -> Profile:
         """First pass; ``known`` is the schema's features (None on a first ingest)."""
@@ -333,14 +336,23 @@ class Source:
             acc.merge(self.profile_part(part, known))
         return self.finish_profile(acc, known)
 
-    def records(self, kinds: dict[str, str], part: Any) -> Iterator[Record | BadRecord]:
-        """The inputs of one part, one at a time (sources read record by record)."""
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def batches(
         self, kinds: dict[str, str], part: Any, label_kind: str, vector_lengths: dict[str, int]
     ) -> Iterator[Batch]:
         """The second pass over one part, as batches."""
+
+
+class RecordSource(Source):
+    """A source read one input at a time (images, NumPy rows, tf.Examples), batched here."""
+
+    @abc.abstractmethod
+    def records(self, kinds: dict[str, str], part: Any) -> Iterator[Record | BadRecord]:
+        """The inputs of one part, one at a time."""
+
+    def batches(
+        self, kinds: dict[str, str], part: Any, label_kind: str, vector_lengths: dict[str, int]
+    ) -> Iterator[Batch]:
         return batch_records(self.records(kinds, part), kinds, label_kind, vector_lengths)
 
 
@@ -406,7 +418,7 @@ def content_key(*parts: bytes) -> bytes:
 # Image folders
 
 
-class ImageFolderSource(Source):
+class ImageFolderSource(RecordSource):
     """``ROOT/CLASS/*.{jpg,jpeg,png,bmp,gif}``: the label is the sub-folder's name."""
 
     def __init__(self, root: Path, cfg: DataConfig):
@@ -414,6 +426,7 @@ class ImageFolderSource(Source):
         self.cfg = cfg
         if not root.is_dir():
             raise PipelineError(f"data.source: {root} is not a directory of class folders")
+        self._parts: list[Any] | None = None  # listed once: every pass reads the same files
 
     def _files(self) -> Iterator[tuple[str, Path]]:
         for class_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
@@ -424,13 +437,18 @@ class ImageFolderSource(Source):
                     yield class_dir.name, path
 
     def parts(self) -> list[Any]:
+        if self._parts is not None:
+            return self._parts
         files = [(label, str(path)) for label, path in self._files()]
         if not files:
             raise PipelineError(
                 f"data.source: {self.root} has no images ({', '.join(IMAGE_EXTENSIONS)}) "
                 "in class sub-folders"
             )
-        return [files[i : i + self.PART_FILES] for i in range(0, len(files), self.PART_FILES)]
+        self._parts = [
+            files[i : i + self.PART_FILES] for i in range(0, len(files), self.PART_FILES)
+        ]
+        return self._parts
 
     PART_FILES = 2000
 
@@ -943,7 +961,7 @@ class _NpyStream:
             left -= n
 
 
-class NpzSource(Source):
+class NpzSource(RecordSource):
     """``np.savez(path, x=..., y=...)``: rank-2 ``x`` is a feature vector, rank 3/4 an image."""
 
     CHUNK = 1024
@@ -1032,7 +1050,7 @@ class NpzSource(Source):
 # TFRecord of tf.Example
 
 
-class TFRecordSource(Source):
+class TFRecordSource(RecordSource):
     """TFRecord files of ``tf.Example`` (GZIP when the name ends in ``.gz``)."""
 
     def __init__(self, path: Path, cfg: DataConfig):

@@ -360,42 +360,45 @@ def test_threshold_for_target_precision_and_recall():
     assert choose_threshold(np.ones(4), s[:4], 0.0, 0.0)[0] == 0.5
 
 
+def _cli(tmp_path, rows, *sets):
+    """A tabular project driven through ``python -m pipeline`` processes, as the k8s Jobs run
+    it: returns ``launch(command, **env)`` → Popen (output on ``stdout``)."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(rows))
+    (tmp_path / "c.toml").write_text("")
+    every = [f'artifacts="{tmp_path / "art"}"', "model.name=m", f'data.source="{data}"', *sets]
+    args = ["--config", str(tmp_path / "c.toml"), *(a for s in every for a in ("--set", s))]
+
+    def launch(command, **env):
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", command, *args],
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    return launch
+
+
+def _latest_run(tmp_path):
+    return tmp_path / "art" / "m" / (tmp_path / "art" / "m" / "LATEST").read_text().strip()
+
+
 @pytest.mark.slow
 def test_two_workers_train_like_one(tmp_path):
     """Two real worker processes on loopback, started as k8s/jobs/training.yaml starts them
     (TF_CONFIG, MultiWorkerMirroredStrategy, dict features): both finish, only the chief
     writes, each worker kept its own backup directory, and the chief's model scores within
     0.1 accuracy of the same training on one worker (same data, epochs, global batch)."""
-    import os
-    import subprocess
-    import sys
-
     from tests.conftest import free_port
 
-    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(300))
-    (tmp_path / "c.toml").write_text("")
-    sets = [
-        f'artifacts="{tmp_path / "art"}"',
-        "model.name=m",
-        f'data.source="{data}"',
-        'model.task="binary"',
-        "train.epochs=8",
-        "train.batch_size=32",
-    ]
-    args = ["--config", str(tmp_path / "c.toml"), *(a for s in sets for a in ("--set", s))]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-
-    def pipeline(*command, extra_env=None):
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *command, *args],
-            env=dict(env, **(extra_env or {})),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
+    pipeline = _cli(tmp_path, 300, 'model.task="binary"', "train.epochs=8", "train.batch_size=32")
     assert pipeline("ingest").wait(timeout=300) == 0
-    run = tmp_path / "art" / "m" / (tmp_path / "art" / "m" / "LATEST").read_text().strip()
+    run = _latest_run(tmp_path)
     single = pipeline("train")
     single_out = single.communicate(timeout=300)[0]
     assert single.returncode == 0, single_out[-3000:]
@@ -407,11 +410,9 @@ def test_two_workers_train_like_one(tmp_path):
     workers = [
         pipeline(
             "train",
-            extra_env={
-                "TF_CONFIG": json.dumps(
-                    {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
-                )
-            },
+            TF_CONFIG=json.dumps(
+                {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
+            ),
         )
         for i in range(2)
     ]
@@ -435,43 +436,30 @@ def test_a_killed_worker_and_its_peer_resume_from_their_backups(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     from tests.conftest import free_port
 
-    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(1500))
-    (tmp_path / "c.toml").write_text("")
-    sets = [
-        f'artifacts="{tmp_path / "art"}"',
-        "model.name=m",
-        f'data.source="{data}"',
+    pipeline = _cli(
+        tmp_path,
+        1500,
         'model.task="binary"',
         "train.epochs=6",
         "train.patience=100",
         "train.batch_size=8",
-    ]
-    args = ["--config", str(tmp_path / "c.toml"), *(a for s in sets for a in ("--set", s))]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    subprocess.run(
-        [sys.executable, "-m", "pipeline", "ingest", *args], env=env, check=True, timeout=300
     )
-    run = tmp_path / "art" / "m" / (tmp_path / "art" / "m" / "LATEST").read_text().strip()
+    ingest_run = pipeline("ingest")
+    assert ingest_run.wait(timeout=300) == 0, ingest_run.communicate()[0]
+    run = _latest_run(tmp_path)
 
     def start_workers() -> list[subprocess.Popen]:
         hosts = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
         return [
-            subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "train", *args],
-                env=dict(
-                    env,
-                    TF_CONFIG=json.dumps(
-                        {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
-                    ),
+            pipeline(
+                "train",
+                TF_CONFIG=json.dumps(
+                    {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
                 ),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
             )
             for i in range(2)
         ]
@@ -523,41 +511,18 @@ def test_is_chief_follows_tf_config(monkeypatch):
 def test_distributed_tuning_ends_cleanly_at_a_5_second_limit(tmp_path):
     """A chief and two workers on loopback with the env of k8s/jobs/tuning.yaml and a 5 s
     budget: every process exits 0 soon after the limit and the chief writes hparams.json."""
-    import os
-    import subprocess
-    import sys
     import time
 
     from tests.conftest import free_port
 
-    data = write_csv(tmp_path / "d.csv", ["x1", "x2", "color", "label"], tabular_rows(120))
-    (tmp_path / "c.toml").write_text("")
-    sets = [
-        f'artifacts="{tmp_path / "art"}"',
-        "model.name=m",
-        f'data.source="{data}"',
-        "tune.time_limit_s=5",
-        "tune.max_trials=100",
-        "tune.max_epochs=3",
-    ]
-    args = ["--config", str(tmp_path / "c.toml"), *(a for s in sets for a in ("--set", s))]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "pipeline", "ingest", *args], env=env, capture_output=True
-        ).returncode
-        == 0
+    pipeline = _cli(
+        tmp_path, 120, "tune.time_limit_s=5", "tune.max_trials=100", "tune.max_epochs=3"
     )
+    assert pipeline("ingest").wait(timeout=300) == 0
     oracle = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(free_port())}
 
     def tuner(name):
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "tune", *args],
-            env=dict(env, KERASTUNER_TUNER_ID=name, **oracle),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        return pipeline("tune", KERASTUNER_TUNER_ID=name, **oracle)
 
     start = time.monotonic()
     chief = tuner("chief")
@@ -569,7 +534,7 @@ def test_distributed_tuning_ends_cleanly_at_a_5_second_limit(tmp_path):
         assert process.returncode == 0, out[-3000:]
     for worker in workers:
         assert "done" in outputs[worker]
-    run = tmp_path / "art" / "m" / (tmp_path / "art" / "m" / "LATEST").read_text().strip()
+    run = _latest_run(tmp_path)
     assert json.loads((run / "hparams.json").read_text())["values"]
     summary = json.loads((run / "tuning.json").read_text())
     assert summary["trials"] and len(summary["trials"]) < 100  # the clock, not the count
