@@ -56,6 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batching", action="store_true", help="profile with --enable_batching")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--gil", action="store_true", help="only samples holding the GIL")
+    ap.add_argument("--native", action="store_true", help="C/C++ frames too")
     ap.add_argument("--out", type=Path, help="also write the report here")
     args = ap.parse_args()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -89,7 +91,9 @@ def main() -> None:
                     str(collapsed),
                     "--duration",
                     str(int(args.seconds)),
-                    "--nonblocking",
+                    *([] if args.native else ["--nonblocking"]),
+                    *(["--gil"] if args.gil else []),
+                    *(["--native"] if args.native else []),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -1,5 +1,8 @@
 """Predict requests and responses straight to and from protobuf wire bytes.
 
+The client encodes requests and decodes responses here; the server encodes its Predict
+responses here too (:func:`encode_predict_response`, the bytes protobuf would write).
+
 Large tensors are what make TF Serving clients slow: ``tf.make_tensor_proto`` copies an array
 into a proto, serialization copies it again, and on the way back parsing, field access and
 ``make_ndarray`` each copy once more. Here an input array is written into the request bytes with
@@ -17,6 +20,7 @@ is the same as setting them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,9 +40,13 @@ INPUTS = protos.PredictRequest.DESCRIPTOR.fields_by_name["inputs"].number
 OUTPUTS = protos.PredictResponse.DESCRIPTOR.fields_by_name["outputs"].number
 RESPONSE_SPEC = protos.PredictResponse.DESCRIPTOR.fields_by_name["model_spec"].number
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]
+STRING_VAL = _T["string_val"].number
 
 
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]
     if n < 0:
         n += 1 << 64
     out = bytearray()
@@ -67,6 +75,11 @@ def _tag(field: int, wire_type: int) -> bytes:
     return _varint(field << 3 | wire_type)
 
 
+_DTYPE_TAG, _STRING_TAG = _tag(DTYPE, VARINT), _tag(STRING_VAL, LEN)
+_OUTPUTS_TAG, _SPEC_TAG = _tag(OUTPUTS, LEN), _tag(RESPONSE_SPEC, LEN)
+_KEY_TAG, _VALUE_TAG = _tag(1, LEN), _tag(2, LEN)  # a map entry's key and value
+
+
 def tensor_parts(array: np.ndarray) -> tuple[list[Any], int]:
     """Wire parts of a TensorProto for ``array`` and their total length (no copy of the data)."""
     if array.dtype.kind in "SUO" or array.dtype not in _LITTLE:
@@ -88,6 +101,65 @@ def tensor_parts(array: np.ndarray) -> tuple[list[Any], int]:
 
 # Plain numeric dtypes go on the wire as raw bytes (bfloat16's numpy type has no buffer format).
 _LITTLE = {dt for dt in codec.NUMERIC_DTYPES if dt.kind != "V"} if np.little_endian else set()
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_bytes(shape: tuple[int, ...]) -> bytes:
+    """A TensorShapeProto field as protobuf writes it (size 0 is proto3's default: omitted)."""
+    body = bytearray()
+    for d in shape:
+        dim = _tag(1, VARINT) + _varint(d) if d else b""
+        body += _tag(DIM, LEN) + _varint(len(dim)) + dim
+    return _tag(SHAPE, LEN) + _varint(len(body)) + body if shape else b""
+
+
+# Typed-field responses: float32/float64 are packed fixed-width values, i.e. their raw
+# little-endian bytes (TF Serving's responses carry floats this way).
+_PACKED = {
+    np.dtype(np.float32): (FLOAT_VAL, codec.DT_FLOAT),
+    np.dtype(np.float64): (DOUBLE_VAL, codec.DT_DOUBLE),
+}
+
+
+def encode_response_tensor(array: np.ndarray, as_fields: bool) -> bytes:
+    """A server's output TensorProto, byte for byte what ``codec.to_tensor_proto`` serializes.
+
+    ``as_fields`` writes the typed ``*_val`` fields, as TF Serving's responses do unless
+    ``--enable_serialization_as_tensor_content``; floats, doubles and strings are written here,
+    other types through protobuf.
+    """
+    dtype = array.dtype
+    if dtype.kind in "SUO":
+        code = codec.DT_STRING
+        values = [v.encode() if isinstance(v, str) else bytes(v) for v in array.ravel().tolist()]
+        body = b"".join([_STRING_TAG + _varint(len(v)) + v for v in values])
+    else:
+        packed = _PACKED.get(dtype) if as_fields and np.little_endian else None
+        if packed is not None:
+            field, code = packed
+        elif not as_fields and dtype in _LITTLE:
+            field, code = CONTENT, codec.dtype_code(dtype)
+        else:
+            proto = codec.to_tensor_proto(array, protos.TensorProto, as_fields=as_fields)
+            return proto.SerializeToString()  # type: ignore[no-any-return]
+        data = np.ascontiguousarray(array).tobytes()
+        body = data and _tag(field, LEN) + _varint(len(data)) + data
+    return _DTYPE_TAG + _varint(code) + _shape_bytes(array.shape) + body
+
+
+def encode_predict_response(
+    spec: bytes, outputs: Mapping[str, np.ndarray], as_fields: bool
+) -> bytes:
+    """A serialized PredictResponse: ``outputs`` by name (sorted, as protobuf's deterministic
+    serialization orders a map) and ``spec``, a serialized ModelSpec."""
+    parts = []
+    for name in sorted(outputs):
+        key = name.encode()
+        tensor = encode_response_tensor(outputs[name], as_fields)
+        entry = _KEY_TAG + _varint(len(key)) + key + _VALUE_TAG + _varint(len(tensor))
+        parts += [_OUTPUTS_TAG, _varint(len(entry) + len(tensor)), entry, tensor]
+    parts += [_SPEC_TAG, _varint(len(spec)), spec]
+    return b"".join(parts)
 
 
 def encode_tensor(array: np.ndarray) -> bytes:

@@ -3,11 +3,13 @@ signature and output filter are concatenated into one model call, then the outpu
 back per request.
 
 A batch closes when it reaches ``max_batch_size`` rows or when its oldest request has waited
-``batch_timeout_micros``; closed batches run on ``num_batch_threads`` threads (the model runs off
-the loop, TensorFlow releases the GIL); a batch is padded up to the next ``allowed_batch_sizes``
-entry by repeating its first row; at most ``max_enqueued_batches`` batches wait per queue beyond
-those running, and a request that would need another fails with UNAVAILABLE (as TF Serving's
-shared batch scheduler does).
+``batch_timeout_micros``; closed batches run on ``num_batch_threads`` threads (the model runs
+off the loop, TensorFlow releases the GIL), except those of a model that answers in under
+``servable.INLINE_RUN_SECONDS``: they run right on the loop, where the hand-off to a thread
+and back would cost more than the call (as unbatched calls do, see ``Core.run``). A batch is
+padded up to the next ``allowed_batch_sizes`` entry by repeating its first row; at most
+``max_enqueued_batches`` batches wait per queue beyond those running, and a request that
+would need another fails with UNAVAILABLE (as TF Serving's shared batch scheduler does).
 
 Everything but the model call runs on the loop thread, so the queues need no locks.
 """
@@ -120,16 +122,39 @@ class Batcher:
         if batch.timer is not None:
             batch.timer.cancel()
         queue.in_flight += 1
+        if batch.servable.runs_inline:
+            try:
+                results = self._run(batch)
+            except Exception as e:  # noqa: BLE001 - every waiter gets the model's error
+                self._finish(key, queue, batch, None, e)
+            else:
+                self._finish(key, queue, batch, results, None)
+            return
         future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, batch)
-        future.add_done_callback(lambda f: self._finish(key, queue, batch, f))
+        future.add_done_callback(lambda f: self._finish_future(key, queue, batch, f))
 
-    def _finish(self, key: Any, queue: _Queue, batch: _Batch, done: asyncio.Future[Any]) -> None:
+    def _finish_future(
+        self, key: Any, queue: _Queue, batch: _Batch, done: asyncio.Future[Any]
+    ) -> None:
+        if done.cancelled():
+            self._finish(key, queue, batch, None, asyncio.CancelledError())
+        elif done.exception() is not None:
+            self._finish(key, queue, batch, None, done.exception())
+        else:
+            self._finish(key, queue, batch, done.result(), None)
+
+    def _finish(
+        self,
+        key: Any,
+        queue: _Queue,
+        batch: _Batch,
+        results: list[dict[str, np.ndarray]] | None,
+        error: BaseException | None,
+    ) -> None:
         queue.in_flight -= 1
         if queue.open is None and not queue.in_flight:
             self._queues.pop(key, None)
-        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
-        results = done.result() if error is None else [None] * len(batch.waiters)
-        for waiter, result in zip(batch.waiters, results):
+        for waiter, result in zip(batch.waiters, results or [None] * len(batch.waiters)):
             if waiter.done():
                 continue  # the caller went away (cancelled RPC)
             if error is not None:

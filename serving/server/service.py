@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import any_pb2
-from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -26,12 +25,11 @@ from tensorflow_serving.apis import (
     model_management_pb2,
     model_pb2,
     model_service_pb2_grpc,
-    predict_pb2,
     prediction_service_pb2_grpc,
     regression_pb2,
 )
 
-from serving import codec
+from serving import codec, wire
 from serving.server.batching import Batcher
 from serving.server.errors import ServingError, invalid
 from serving.server.manager import ModelManager
@@ -42,8 +40,6 @@ log = logging.getLogger(__name__)
 
 STATE_ENUM = get_model_status_pb2.ModelVersionStatus.State
 T = TypeVar("T")
-# Model calls that usually take less than this run on the event loop (see Core.run).
-INLINE_RUN_SECONDS = 0.002
 
 
 class Core:
@@ -91,7 +87,7 @@ class Core:
         the event loop when the model answers faster than a thread hand-off (two context
         switches and a wake-up of the loop) would cost; a model that slows down moves to the
         pool on its next call, so the loop is never held for long."""
-        if servable.run_seconds < INLINE_RUN_SECONDS:
+        if servable.runs_inline:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
@@ -171,20 +167,16 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.core = core
 
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def handle() -> Any:
-            inputs = self.core.decode_inputs(request.inputs)
-            servable, sig, outputs = await self.core.predict(
+        """Returns the serialized response (``wire.encode_predict_response``, the bytes
+        protobuf would write, without building the message)."""
+
+        async def handle() -> bytes:
+            core = self.core
+            inputs = core.decode_inputs(request.inputs)
+            servable, sig, outputs = await core.predict(
                 request.model_spec, inputs, tuple(request.output_filter)
             )
-            response = predict_pb2.PredictResponse()
-            _spec(response.model_spec, servable, sig)
-            for key, value in outputs.items():
-                response.outputs[key].CopyFrom(
-                    codec.to_tensor_proto(
-                        value, tensor_pb2.TensorProto, as_fields=self.core.as_fields
-                    )
-                )
-            return response
+            return wire.encode_predict_response(servable.spec_bytes(sig), outputs, core.as_fields)
 
         return await _serve(self.core, request.model_spec.name, "predict", context, handle)
 
