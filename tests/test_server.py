@@ -604,6 +604,8 @@ def test_batcher_rejects_when_the_queue_is_full():
     release = threading.Event()
 
     class Slow:
+        runs_inline = False  # a slow model's batches run on the batch threads
+
         def run_checked(self, signature, inputs, output_filter):
             release.wait(5)
             return {"y": inputs["x"]}
