@@ -48,6 +48,8 @@ _NUMPY: dict[int, Any] = {
 if _bfloat16 is not None:
     _NUMPY[DT_BFLOAT16] = _bfloat16
 _DTYPE_OF = {np.dtype(t): code for code, t in _NUMPY.items()}
+_DTYPES = {code: np.dtype(t) for code, t in _NUMPY.items()}
+_LITTLE_ENDIAN = {code: dtype.newbyteorder("<") for code, dtype in _DTYPES.items()}
 NUMERIC_DTYPES = frozenset(_DTYPE_OF)
 
 # The typed field TensorFlow uses for each dtype (tensor.proto).
@@ -106,7 +108,7 @@ def numpy_dtype(code: int) -> Any:
     if code == DT_STRING:
         return np.object_
     try:
-        return np.dtype(_NUMPY[code])
+        return _DTYPES[code]
     except KeyError:
         raise CodecError(f"unsupported tensor dtype {NAMES.get(code, code)}") from None
 
@@ -178,15 +180,16 @@ def to_numpy(proto: Any, max_elements: int | None = None) -> np.ndarray:
         out[:] = values
         return _fill(out, count, shape)
     dtype = numpy_dtype(code)
-    if proto.tensor_content:
+    content = proto.tensor_content  # read once: each read of a bytes field makes a new copy
+    if content:
         expected = count * dtype.itemsize
-        if len(proto.tensor_content) != expected:
+        if len(content) != expected:
             raise CodecError(
-                f"tensor_content has {len(proto.tensor_content)} bytes, shape {list(shape)} of "
+                f"tensor_content has {len(content)} bytes, shape {list(shape)} of "
                 f"{NAMES[code]} needs {expected}"
             )
         return (
-            np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<"))
+            np.frombuffer(content, dtype=_LITTLE_ENDIAN[code])
             .astype(dtype, copy=False)
             .reshape(shape)
         )

@@ -10,12 +10,14 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import Metric
 
 # Microsecond buckets: 10 µs … ~100 s, roughly ×2.5 apart.
 LATENCY_BUCKETS = tuple(float(10 * 2.5**i) for i in range(18))
+MAX_CACHED_LABELS = 4096
 
 
 class _Counters:
@@ -29,8 +31,11 @@ class _Counters:
         self.docs[name] = doc
 
     def inc(self, name: str, **labels: str) -> None:
+        self.inc_key(name, tuple(sorted(labels.items())))
+
+    def inc_key(self, name: str, key: tuple[tuple[str, str], ...]) -> None:
         with self.lock:
-            self.values[name][tuple(sorted(labels.items()))] += 1
+            self.values[name][key] += 1
 
     def collect(self) -> Iterator[Metric]:
         with self.lock:
@@ -48,6 +53,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._counters = _Counters()
+        # Per request: the counter's key and the histogram's child, looked up once per labels.
+        self._requests: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._counters.declare(self.REQUEST_COUNT, "The total number of requests.")
         self._counters.declare(self.LOAD_ATTEMPTS, "The number of times a SavedModel was loaded.")
         self.registry.register(self._counters)  # type: ignore[arg-type]
@@ -74,8 +81,16 @@ class Metrics:
         )
 
     def request(self, model: str, api: str, entrypoint: str, status: str, seconds: float) -> None:
-        self._counters.inc(self.REQUEST_COUNT, model_name=model, status=status)
-        self._latency.labels(model, api, entrypoint).observe(seconds * 1e6)
+        labels = (model, api, entrypoint, status)
+        cached = self._requests.get(labels)
+        if cached is None:
+            if len(self._requests) >= MAX_CACHED_LABELS:
+                self._requests.clear()
+            count_key = (("model_name", model), ("status", status))
+            child = self._latency.labels(model, api, entrypoint)
+            cached = self._requests[labels] = (count_key, child)
+        self._counters.inc_key(self.REQUEST_COUNT, cached[0])
+        cached[1].observe(seconds * 1e6)
 
     def load_attempt(self, path: str, status: str, seconds: float) -> None:
         self._counters.inc(self.LOAD_ATTEMPTS, model_path=path, status=status)

@@ -11,6 +11,7 @@ graph loads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -35,6 +36,7 @@ MAX_WARMUP_RECORDS = 1000
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
+SIGNATURE_METHODS = (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD)
 DEFAULT_SIGNATURE = "serving_default"
 INIT_OP_SIGNATURE = "__saved_model_init_op"
 MAX_CACHED_CALLABLES = 64
@@ -117,6 +119,7 @@ class Servable:
         # the call. It starts high, so a model is first measured on the pool (~60 calls).
         self.run_seconds = 1.0
         self._specs: dict[str, bytes] = {}
+        self._plain: dict[str, dict[str, Any] | None] = {}
 
     def spec_bytes(self, signature: str) -> bytes:
         """The serialized ModelSpec (name, version, signature) a response carries."""
@@ -167,12 +170,16 @@ class Servable:
         Raises:
             ServingError: with TF Serving's code and message.
         """
-        sig = self.signature(signature_name)
-        if self.method_name_check and sig.method_name not in (
-            PREDICT_METHOD,
-            CLASSIFY_METHOD,
-            REGRESS_METHOD,
+        plain = self._plain_feeds(signature_name or DEFAULT_SIGNATURE)
+        if (
+            plain is not None
+            and not output_filter
+            and inputs.keys() == plain.keys()
+            and all(inputs[alias].dtype == dtype for alias, dtype in plain.items())
         ):
+            return inputs  # what the checks below would return for it
+        sig = self.signature(signature_name)
+        if self.method_name_check and sig.method_name not in SIGNATURE_METHODS:
             raise ServingError(
                 grpc.StatusCode.INTERNAL,
                 "Expected prediction signature method_name to be one of "
@@ -227,6 +234,23 @@ class Servable:
                     "is provided"
                 )
         return feeds
+
+    def _plain_feeds(self, name: str) -> dict[str, Any] | None:
+        """The numpy dtype of each input of signature ``name``, for requests that pass the
+        checks as they are (every input, of its dtype, no output filter); None when every
+        request needs the checks (no such signature, a method name refused, an input of a
+        type numpy does not have)."""
+        if name in self._plain:
+            return self._plain[name]
+        sig = self.signature_defs.get(name)
+        if sig is None:
+            return None
+        plain = None
+        if not self.method_name_check or sig.method_name in SIGNATURE_METHODS:
+            with contextlib.suppress(codec.CodecError):
+                plain = {alias: codec.numpy_dtype(i.dtype) for alias, i in sig.inputs.items()}
+        self._plain[name] = plain
+        return plain
 
     def run_checked(
         self, signature_name: str, feeds: dict[str, Any], output_filter: Sequence[str] = ()

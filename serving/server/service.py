@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -42,6 +41,27 @@ STATE_ENUM = get_model_status_pb2.ModelVersionStatus.State
 T = TypeVar("T")
 
 
+class _Measured:
+    """A request's count and latency, recorded when the block exits (by status code)."""
+
+    __slots__ = ("labels", "metrics", "start")
+
+    def __init__(self, metrics: Metrics, model: str, api: str, entrypoint: str):
+        self.metrics = metrics
+        self.labels = (model, api, entrypoint)
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        status = "OK"
+        if isinstance(error, ServingError):
+            status = error.code.name
+        elif isinstance(error, Exception):
+            status = "INTERNAL"
+        self.metrics.request(*self.labels, status, time.perf_counter() - self.start)
+
+
 class Core:
     """Resolve the servable, check inputs, run (batched or not) and count.
 
@@ -67,20 +87,9 @@ class Core:
         # --enable_serialization_as_tensor_content.
         self.as_fields = not tensor_content
 
-    @contextmanager
-    def measured(self, model: str, api: str, entrypoint: str) -> Iterator[None]:
-        start = time.perf_counter()
-        status = "OK"
-        try:
-            yield
-        except ServingError as e:
-            status = e.code.name
-            raise
-        except Exception:
-            status = "INTERNAL"
-            raise
-        finally:
-            self.metrics.request(model, api, entrypoint, status, time.perf_counter() - start)
+    def measured(self, model: str, api: str, entrypoint: str) -> _Measured:
+        """``with core.measured(...)``: count the request and its latency, by outcome."""
+        return _Measured(self.metrics, model, api, entrypoint)
 
     async def run(self, servable: Servable, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, a call of ``servable``'s model: on the model pool, or right here on
