@@ -5,9 +5,13 @@
   p50 + 1.5 × empty-RPC p50.
 * Throughput with 32 concurrent clients (grpc.aio), with and without --enable_batching, vs the
   empty-RPC throughput with the same concurrency. Goal: ≥ 0.8x with batching.
+* The same over HTTP: REST :predict p50 and 32-client throughput vs an empty HTTP server
+  (aiohttp, echoing the body).
 * Time from a new version directory appearing to AVAILABLE (default 1 s filesystem poll).
 
-Servers run in their own processes so the client's work does not share their GIL.
+Servers run in their own processes so the client's work does not share their GIL. All of them
+start first, then the measurements take turns, round after round, so a neighbour's burst on a
+shared machine hits every path alike; ratios are taken within a round, reported as medians.
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ import numpy as np  # noqa: E402
 from bench.results import median, write_section  # noqa: E402
 from serving.promote import free_port  # noqa: E402
 
-N_LATENCY = 400
+N_LATENCY = 200
 CONCURRENCY = 32
-THROUGHPUT_SECONDS = 5.0
+THROUGHPUT_SECONDS = 3.0
+ROUNDS = 3
 EMPTY_METHOD = "/bench.Empty/Call"
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+REST_BODY = b'{"instances": [[1.0, 1.0]]}'
 
 EMPTY_SERVER = """
 import sys, time
@@ -48,6 +55,18 @@ server.add_insecure_port("127.0.0.1:" + sys.argv[1])
 server.start()
 print("ready", flush=True)
 server.wait_for_termination()
+"""
+
+
+EMPTY_HTTP_SERVER = """
+import sys
+from aiohttp import web
+async def echo(request):
+    return web.Response(body=await request.read(), content_type="application/json")
+app = web.Application()
+app.router.add_post("/{tail:.*}", echo)
+print("ready", flush=True)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """
 
 
@@ -132,6 +151,57 @@ def throughput(port: int, method: str, payload: bytes) -> float:
     return asyncio.run(_throughput(port, method, payload))
 
 
+def http_latencies(port: int, path: str) -> list[float]:
+    """Sequential POSTs of REST_BODY on one keep-alive connection."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Content-Type": "application/json"}
+
+    def call() -> None:
+        conn.request("POST", path, REST_BODY, headers)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+
+    for _ in range(20):
+        call()
+    out = []
+    for _ in range(N_LATENCY):
+        start = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - start)
+    conn.close()
+    return out
+
+
+async def _http_throughput(port: int, path: str) -> float:
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}{path}"
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        done = 0
+        stop = time.perf_counter() + THROUGHPUT_SECONDS
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                async with session.post(url, data=REST_BODY, headers=headers) as response:
+                    await response.read()
+                    assert response.status == 200, response.status
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return done / (time.perf_counter() - start)
+
+
+def http_throughput(port: int, path: str) -> float:
+    return asyncio.run(_http_throughput(port, path))
+
+
 def in_process(path: Path, x: np.ndarray) -> list[float]:
     import tensorflow as tf
 
@@ -170,6 +240,15 @@ def time_to_available(base: Path, source: Path, port: int, version: int) -> floa
     return time.perf_counter() - start
 
 
+def helper(source: str) -> tuple[subprocess.Popen, int]:
+    """A baseline server (``source`` takes its port as argv[1]), once it says ready."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", source, str(port)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return proc, port
+
+
 def main() -> None:
     from tests.servables import build
 
@@ -180,65 +259,83 @@ def main() -> None:
         shutil.copytree(source, base / "1")
         x = np.ones((1, 2), np.float32)
         payload = predict_request(x)
-        inproc = in_process(base / "1", x)
-
-        empty_port = free_port()
-        empty = subprocess.Popen(
-            [sys.executable, "-c", EMPTY_SERVER, str(empty_port)], stdout=subprocess.PIPE, text=True
-        )
-        assert empty.stdout is not None
-        empty.stdout.readline()
-        try:
-            empty_lat = latencies(empty_port, EMPTY_METHOD, payload)
-            empty_tp = throughput(empty_port, EMPTY_METHOD, payload)
-        finally:
-            empty.terminate()
-
-        server, port = start_server(base)
-        try:
-            served = latencies(port, "/tensorflow.serving.PredictionService/Predict", payload)
-            plain_tp = throughput(port, "/tensorflow.serving.PredictionService/Predict", payload)
-            swaps = [time_to_available(base, source, port, v) for v in (2, 3, 4)]
-        finally:
-            server.terminate()
-            server.wait()
-
         params = root / "batching.config"
         params.write_text(
             "max_batch_size { value: 32 }\nbatch_timeout_micros { value: 2000 }\n"
             "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 100 }\n"
         )
-        server, port = start_server(
-            base, "--enable_batching", f"--batching_parameters_file={params}"
-        )
+        procs = []
         try:
-            batched_tp = throughput(port, "/tensorflow.serving.PredictionService/Predict", payload)
+            empty, empty_port = helper(EMPTY_SERVER)
+            http, http_port = helper(EMPTY_HTTP_SERVER)
+            rest_port = free_port()
+            served, port = start_server(base, f"--rest_api_port={rest_port}")
+            batched, batched_port = start_server(
+                base, "--enable_batching", f"--batching_parameters_file={params}"
+            )
+            procs = [empty, http, served, batched]
+            rest_path = "/v1/models/m:predict"
+            lat: dict[str, list[float]] = {
+                k: [] for k in ("inproc", "empty", "grpc", "http", "rest")
+            }
+            tp: dict[str, list[float]] = {
+                k: [] for k in ("empty", "plain", "batched", "http", "rest")
+            }
+            for _ in range(ROUNDS):
+                lat["inproc"] += in_process(base / "1", x)
+                lat["empty"] += latencies(empty_port, EMPTY_METHOD, payload)
+                lat["grpc"] += latencies(port, PREDICT, payload)
+                lat["http"] += http_latencies(http_port, rest_path)
+                lat["rest"] += http_latencies(rest_port, rest_path)
+                tp["empty"].append(throughput(empty_port, EMPTY_METHOD, payload))
+                tp["plain"].append(throughput(port, PREDICT, payload))
+                tp["batched"].append(throughput(batched_port, PREDICT, payload))
+                tp["http"].append(http_throughput(http_port, rest_path))
+                tp["rest"].append(http_throughput(rest_port, rest_path))
+            swaps = [time_to_available(base, source, port, v) for v in (2, 3, 4)]
         finally:
-            server.terminate()
-            server.wait()
+            for proc in procs:
+                proc.terminate()
+                proc.wait()
 
     ms = 1000.0
-    p50_served, p50_inproc, p50_empty = (median(v) * ms for v in (served, inproc, empty_lat))
-    budget = p50_inproc + 1.5 * p50_empty
+    p50 = {k: median(v) * ms for k, v in lat.items()}
+    p99 = {k: percentile(v, 99) * ms for k, v in lat.items()}
+    budget = p50["inproc"] + 1.5 * p50["empty"]
+    rest_budget = p50["inproc"] + 1.5 * p50["http"]
+
+    def ratio(key: str, base_key: str) -> float:
+        return median([a / b for a, b in zip(tp[key], tp[base_key])])
+
+    def rates(key: str) -> str:
+        return ", ".join(f"{r:.0f}" for r in tp[key])
+
     body = f"""
-Model: a 2-input SavedModel (tests/servables.py), batch 1. {N_LATENCY} sequential calls each;
-throughput over {THROUGHPUT_SECONDS:.0f} s with {CONCURRENCY} concurrent grpc.aio clients.
+Model: a 2-input SavedModel (tests/servables.py), batch 1. {ROUNDS} rounds; in each, every path
+in turn: {N_LATENCY} sequential calls, then {THROUGHPUT_SECONDS:.0f} s with {CONCURRENCY} concurrent
+clients (grpc.aio; aiohttp over HTTP). Latencies pool the rounds; throughput ratios are taken
+within each round, then the median.
 
 | path | p50 (ms) | p99 (ms) |
 |---|---|---|
-| in-process SavedModel signature | {p50_inproc:.3f} | {percentile(inproc, 99) * ms:.3f} |
-| empty gRPC round trip | {p50_empty:.3f} | {percentile(empty_lat, 99) * ms:.3f} |
-| served Predict (gRPC) | {p50_served:.3f} | {percentile(served, 99) * ms:.3f} |
+| in-process SavedModel signature | {p50["inproc"]:.3f} | {p99["inproc"]:.3f} |
+| empty gRPC round trip | {p50["empty"]:.3f} | {p99["empty"]:.3f} |
+| served Predict (gRPC) | {p50["grpc"]:.3f} | {p99["grpc"]:.3f} |
+| empty HTTP round trip (aiohttp echo) | {p50["http"]:.3f} | {p99["http"]:.3f} |
+| served :predict (REST) | {p50["rest"]:.3f} | {p99["rest"]:.3f} |
 
-**Served p50 {p50_served:.3f} ms vs budget in-process + 1.5 × empty = {budget:.3f} ms
-(ratio {p50_served / budget:.2f}, goal ≤ 1.00).**
+**Served p50 {p50["grpc"]:.3f} ms vs budget in-process + 1.5 × empty = {budget:.3f} ms
+(ratio {p50["grpc"] / budget:.2f}, goal ≤ 1.00).** REST: {p50["rest"]:.3f} ms vs
+{rest_budget:.3f} ms (ratio {p50["rest"] / rest_budget:.2f}).
 
-| throughput, {CONCURRENCY} clients | requests/s | vs empty RPC |
+| throughput, {CONCURRENCY} clients | requests/s (each round) | vs empty (median) |
 |---|---|---|
-| empty gRPC round trip | {empty_tp:.0f} | 1.00 |
-| Predict, no batching | {plain_tp:.0f} | {plain_tp / empty_tp:.2f} |
-| Predict, --enable_batching (max 32, 2 ms) | {batched_tp:.0f} | **{batched_tp / empty_tp:.2f}** \
-(goal ≥ 0.8) |
+| empty gRPC round trip | {rates("empty")} | 1.00 |
+| Predict, no batching | {rates("plain")} | {ratio("plain", "empty"):.2f} |
+| Predict, --enable_batching (max 32, 2 ms) | {rates("batched")} | \
+**{ratio("batched", "empty"):.2f}** (goal ≥ 0.8) |
+| empty HTTP round trip | {rates("http")} | 1.00 |
+| REST :predict, no batching | {rates("rest")} | {ratio("rest", "http"):.2f} |
 
 New version directory → AVAILABLE (1 s poll, median of 3): **{median(swaps):.2f} s**
 (each: {", ".join(f"{s:.2f}" for s in swaps)}).

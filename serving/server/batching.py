@@ -154,16 +154,16 @@ class Batcher:
         queue.in_flight -= 1
         if queue.open is None and not queue.in_flight:
             self._queues.pop(key, None)
-        for waiter, result in zip(batch.waiters, results or [None] * len(batch.waiters)):
+        for i, waiter in enumerate(batch.waiters):
             if waiter.done():
                 continue  # the caller went away (cancelled RPC)
-            if error is not None:
-                waiter.set_exception(error)
+            if results is None:
+                waiter.set_exception(error or asyncio.CancelledError())
             else:
-                waiter.set_result(result)
+                waiter.set_result(results[i])
 
     def _run(self, batch: _Batch) -> list[dict[str, np.ndarray]]:
-        """On a batch thread: concatenate, pad, run once, split."""
+        """Concatenate, pad, run once, split (on a batch thread, or on the loop)."""
         first = batch.inputs[0]
         inputs = {k: np.concatenate([task[k] for task in batch.inputs]) for k in first}
         target = next((s for s in self.params.allowed_batch_sizes if s >= batch.rows), batch.rows)
