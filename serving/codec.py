@@ -165,8 +165,8 @@ def to_numpy(proto: Any, max_elements: int | None = None) -> np.ndarray:
     elements (a few bytes of proto can declare gigabytes: one value fills the whole shape).
     """
     code = proto.dtype
-    shape = tuple(d.size for d in proto.tensor_shape.dim)
-    if any(d < 0 for d in shape):
+    shape = tuple([d.size for d in proto.tensor_shape.dim])
+    if shape and min(shape) < 0:
         raise CodecError(f"tensor shape {list(shape)} has an unknown dimension")
     count = math.prod(shape)  # exact: np.prod would wrap around past 2^63
     if max_elements is not None and count > max_elements:

@@ -121,6 +121,14 @@ _PACKED = {
 }
 
 
+def _fixed_layout(dtype: np.dtype, as_fields: bool) -> tuple[int, int] | None:
+    """(field, DataType code) of a tensor written straight from its bytes: packed floats and
+    doubles in the typed fields, any plain numeric dtype in ``tensor_content``; else None."""
+    if as_fields:
+        return _PACKED.get(dtype) if np.little_endian else None
+    return (CONTENT, codec.dtype_code(dtype)) if dtype in _LITTLE else None
+
+
 def encode_response_tensor(array: np.ndarray, as_fields: bool) -> bytes:
     """A server's output TensorProto, byte for byte what ``codec.to_tensor_proto`` serializes.
 
@@ -128,23 +136,39 @@ def encode_response_tensor(array: np.ndarray, as_fields: bool) -> bytes:
     ``--enable_serialization_as_tensor_content``; floats, doubles and strings are written here,
     other types through protobuf.
     """
-    dtype = array.dtype
-    if dtype.kind in "SUO":
-        code = codec.DT_STRING
-        values = [v.encode() if isinstance(v, str) else bytes(v) for v in array.ravel().tolist()]
-        body = b"".join([_STRING_TAG + _varint(len(v)) + v for v in values])
-    else:
-        packed = _PACKED.get(dtype) if as_fields and np.little_endian else None
-        if packed is not None:
-            field, code = packed
-        elif not as_fields and dtype in _LITTLE:
-            field, code = CONTENT, codec.dtype_code(dtype)
-        else:
-            proto = codec.to_tensor_proto(array, protos.TensorProto, as_fields=as_fields)
-            return proto.SerializeToString()  # type: ignore[no-any-return]
-        data = np.ascontiguousarray(array).tobytes()
-        body = data and _tag(field, LEN) + _varint(len(data)) + data
-    return _DTYPE_TAG + _varint(code) + _shape_bytes(array.shape) + body
+    layout = _fixed_layout(array.dtype, as_fields)
+    if layout is not None:
+        data = array.tobytes()
+        return _tensor_head(*layout, array.shape, len(data)) + data
+    if array.dtype.kind not in "SUO":
+        proto = codec.to_tensor_proto(array, protos.TensorProto, as_fields=as_fields)
+        return proto.SerializeToString()  # type: ignore[no-any-return]
+    values = [v.encode() if isinstance(v, str) else bytes(v) for v in array.ravel().tolist()]
+    body = b"".join([_STRING_TAG + _varint(len(v)) + v for v in values])
+    return _DTYPE_TAG + _varint(codec.DT_STRING) + _shape_bytes(array.shape) + body
+
+
+def _tensor_head(field: int, code: int, shape: tuple[int, ...], nbytes: int) -> bytes:
+    """A fixed-layout TensorProto up to its data (an empty data field is left out)."""
+    head = _DTYPE_TAG + _varint(code) + _shape_bytes(shape)
+    return head + _tag(field, LEN) + _varint(nbytes) if nbytes else head
+
+
+def _entry_head(name: str, tensor_len: int) -> bytes:
+    """An ``outputs`` map entry up to its TensorProto's bytes."""
+    key = name.encode()
+    entry = _KEY_TAG + _varint(len(key)) + key + _VALUE_TAG + _varint(tensor_len)
+    return _OUTPUTS_TAG + _varint(len(entry) + tensor_len) + entry
+
+
+@functools.lru_cache(maxsize=4096)
+def _fixed_output_head(
+    name: str, field: int, code: int, shape: tuple[int, ...], nbytes: int
+) -> bytes:
+    """Everything of a fixed-layout output's map entry but its data: the same for every
+    response of one model with outputs of one shape, so it is built once."""
+    tensor = _tensor_head(field, code, shape, nbytes)
+    return _entry_head(name, len(tensor) + nbytes) + tensor
 
 
 def encode_predict_response(
@@ -154,10 +178,14 @@ def encode_predict_response(
     serialization orders a map) and ``spec``, a serialized ModelSpec."""
     parts = []
     for name in sorted(outputs):
-        key = name.encode()
-        tensor = encode_response_tensor(outputs[name], as_fields)
-        entry = _KEY_TAG + _varint(len(key)) + key + _VALUE_TAG + _varint(len(tensor))
-        parts += [_OUTPUTS_TAG, _varint(len(entry) + len(tensor)), entry, tensor]
+        array = outputs[name]
+        layout = _fixed_layout(array.dtype, as_fields)
+        if layout is not None:
+            data = array.tobytes()
+            parts += [_fixed_output_head(name, *layout, array.shape, len(data)), data]
+        else:
+            tensor = encode_response_tensor(array, as_fields)
+            parts += [_entry_head(name, len(tensor)), tensor]
     parts += [_SPEC_TAG, _varint(len(spec)), spec]
     return b"".join(parts)
 

@@ -69,24 +69,26 @@ class Batcher:
     ) -> dict[str, np.ndarray]:
         """Run ``inputs`` as part of a batch; return its share of the outputs."""
         loop = asyncio.get_running_loop()
-        rows = {v.shape[0] for v in inputs.values() if v.ndim}
-        if len(rows) != 1 or any(not v.ndim for v in inputs.values()):
-            # Scalars or ragged batch sizes cannot be concatenated: run on their own.
+        n = -1
+        layout = []  # what a batch's requests must share besides their rows
+        for alias, value in inputs.items():
+            shape = value.shape
+            if not shape or (n >= 0 and shape[0] != n):
+                n = -1
+                break
+            n = shape[0]
+            layout.append((alias, shape[1:], value.dtype.str))
+        if n < 0:
+            # No inputs, scalars or ragged batch sizes cannot be concatenated: run alone.
             return await loop.run_in_executor(
                 self._pool, servable.run_checked, signature, inputs, output_filter
             )
-        n = rows.pop()
         if n > self.params.max_batch_size:
             raise invalid(
                 f"Task size {n} is larger than maximum input batch size "
                 f"{self.params.max_batch_size}"
             )
-        key = (
-            id(servable),
-            signature,
-            output_filter,
-            tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items())),
-        )
+        key = (id(servable), signature, output_filter, tuple(sorted(layout)))
         queue = self._queues.setdefault(key, _Queue())
         if queue.open is not None and queue.open.rows + n > self.params.max_batch_size:
             self._close(key, queue)
