@@ -1,12 +1,16 @@
 """Where a served Predict spends its time: py-spy over the embedded server under load.
 
-    .venv/bin/python bench/profile_server.py [--batching] [--seconds 10] [--out profile.txt]
+    .venv/bin/python bench/profile_server.py [--batching] [--seconds 10] [--gil] [--native]
+                                             [--out profile.txt]
 
 Starts the server (its own process) on the benchmark's model, drives it with 32 concurrent
 grpc.aio clients from this process, and records the server with ``py-spy record`` (every
 thread, idle samples dropped). Prints the functions with the most samples, own and inclusive:
-the list to read before changing the request path. Needs py-spy (``pip install py-spy``) and
-the right to ptrace the server (root in a container, or ptrace_scope 0).
+the list to read before changing the request path. ``--gil`` keeps only the samples of the
+thread holding the GIL (the server's ceiling is one core of Python); ``--native`` adds C/C++
+frames (grpc's Cython shows as ``Handle._run`` without it), pausing the server to sample it.
+Needs py-spy (``pip install py-spy``) and the right to ptrace the server (root in a container,
+or ptrace_scope 0).
 """
 
 from __future__ import annotations
