@@ -86,17 +86,10 @@ def tensor_parts(array: np.ndarray) -> tuple[list[Any], int]:
         # Strings (and exotic dtypes) are small or rare: let protobuf serialize them.
         data = codec.to_tensor_proto(array, protos.TensorProto).SerializeToString()
         return [data], len(data)
-    code = codec.dtype_code(array.dtype)
-    header = bytearray(_tag(DTYPE, VARINT) + _varint(code))
-    shape = bytearray()
-    for d in array.shape:
-        dim = _tag(1, VARINT) + _varint(d)
-        shape += _tag(DIM, LEN) + _varint(len(dim)) + dim
-    header += _tag(SHAPE, LEN) + _varint(len(shape)) + shape
     contiguous = np.ascontiguousarray(array)
     content = memoryview(contiguous).cast("B") if contiguous.size else b""  # type: ignore[arg-type]
-    header += _tag(CONTENT, LEN) + _varint(len(content))
-    return [bytes(header), content], len(header) + len(content)
+    header = _tensor_head(CONTENT, codec.dtype_code(array.dtype), array.shape, len(content))
+    return [header, content], len(header) + len(content)
 
 
 # Plain numeric dtypes go on the wire as raw bytes (bfloat16's numpy type has no buffer format).
@@ -129,17 +122,9 @@ def _fixed_layout(dtype: np.dtype, as_fields: bool) -> tuple[int, int] | None:
     return (CONTENT, codec.dtype_code(dtype)) if dtype in _LITTLE else None
 
 
-def encode_response_tensor(array: np.ndarray, as_fields: bool) -> bytes:
-    """A server's output TensorProto, byte for byte what ``codec.to_tensor_proto`` serializes.
-
-    ``as_fields`` writes the typed ``*_val`` fields, as TF Serving's responses do unless
-    ``--enable_serialization_as_tensor_content``; floats, doubles and strings are written here,
-    other types through protobuf.
-    """
-    layout = _fixed_layout(array.dtype, as_fields)
-    if layout is not None:
-        data = array.tobytes()
-        return _tensor_head(*layout, array.shape, len(data)) + data
+def _variable_tensor(array: np.ndarray, as_fields: bool) -> bytes:
+    """An output TensorProto that is not a fixed layout, byte for byte what
+    ``codec.to_tensor_proto`` serializes: strings written here, other types by protobuf."""
     if array.dtype.kind not in "SUO":
         proto = codec.to_tensor_proto(array, protos.TensorProto, as_fields=as_fields)
         return proto.SerializeToString()  # type: ignore[no-any-return]
@@ -175,7 +160,9 @@ def encode_predict_response(
     spec: bytes, outputs: Mapping[str, np.ndarray], as_fields: bool
 ) -> bytes:
     """A serialized PredictResponse: ``outputs`` by name (sorted, as protobuf's deterministic
-    serialization orders a map) and ``spec``, a serialized ModelSpec."""
+    serialization orders a map) and ``spec``, a serialized ModelSpec; the bytes protobuf
+    writes for that message. ``as_fields`` writes the typed ``*_val`` fields, as TF Serving's
+    responses do unless ``--enable_serialization_as_tensor_content``."""
     parts = []
     for name in sorted(outputs):
         array = outputs[name]
@@ -184,7 +171,7 @@ def encode_predict_response(
             data = array.tobytes()
             parts += [_fixed_output_head(name, *layout, array.shape, len(data)), data]
         else:
-            tensor = encode_response_tensor(array, as_fields)
+            tensor = _variable_tensor(array, as_fields)
             parts += [_entry_head(name, len(tensor)), tensor]
     parts += [_SPEC_TAG, _varint(len(spec)), spec]
     return b"".join(parts)
