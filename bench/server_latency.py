@@ -4,7 +4,10 @@
   vs an empty gRPC round trip (a bare grpc server echoing bytes). Goal: served p50 ≤ in-process
   p50 + 1.5 × empty-RPC p50.
 * Throughput with 32 concurrent clients (grpc.aio), with and without --enable_batching, vs the
-  empty-RPC throughput with the same concurrency. Goal: ≥ 0.8x with batching.
+  empty-RPC throughput with the same concurrency. Goal: ≥ 0.8x with batching. Two rungs
+  between them show where the rest goes: an empty grpc.aio server (the serving core's framework
+  alone) and the server with the model call taken out (every other step of a Predict: parse,
+  decode, resolve, checks, metrics, response encoding).
 * The same over HTTP: REST :predict p50 and 32-client throughput vs an empty HTTP server
   (aiohttp, echoing the body).
 * Time from a new version directory appearing to AVAILABLE (default 1 s filesystem poll).
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -58,6 +62,43 @@ server.wait_for_termination()
 """
 
 
+AIO_EMPTY_SERVER = """
+import asyncio, sys
+import grpc
+async def echo(req, ctx):  # a coroutine: grpc.aio runs a plain function on a thread pool
+    return req
+async def main():
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Empty", {
+        "Call": grpc.unary_unary_rpc_method_handler(echo)}),))
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+# The embedded server with the model call replaced by its first answer, reused: what a Predict
+# costs besides TensorFlow. (A model answering that fast runs on the event loop, as fast models
+# do.) argv: port, model base path.
+NO_MODEL_SERVER = """
+import sys
+from serving.server import servable
+from serving.server.__main__ import main
+real_run = servable.Servable._run
+answers = {}
+def _run(self, key, sig, feeds, aliases):
+    rows = next(iter(feeds.values())).shape[:1]
+    if (key, rows) not in answers:
+        answers[key, rows] = real_run(self, key, sig, feeds, aliases)
+    self.run_seconds = 0.0
+    return answers[key, rows]
+servable.Servable._run = _run
+main(["--port=" + sys.argv[1], "--rest_api_port=0", "--model_name=m",
+      "--model_base_path=" + sys.argv[2]])
+"""
+
+
 EMPTY_HTTP_SERVER = """
 import sys
 from aiohttp import web
@@ -82,21 +123,17 @@ def wait_ready(port: int, timeout: float = 120) -> None:
 
 def start_server(base: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving.server",
-            f"--port={port}",
-            "--rest_api_port=0",
-            "--model_name=m",
-            f"--model_base_path={base}",
-            *flags,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    args = [f"--port={port}", "--rest_api_port=0", "--model_name=m", f"--model_base_path={base}"]
+    return _started([sys.executable, "-m", "serving.server", *args, *flags], port)
+
+
+def start_no_model_server(base: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    return _started([sys.executable, "-c", NO_MODEL_SERVER, str(port), str(base)], port)
+
+
+def _started(cmd: list[str], port: int) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(port)
     return proc, port
 
@@ -149,6 +186,24 @@ async def _throughput(port: int, method: str, payload: bytes) -> float:
 
 def throughput(port: int, method: str, payload: bytes) -> float:
     return asyncio.run(_throughput(port, method, payload))
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used; NaN without /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cost(proc: subprocess.Popen, run: Callable[[], float]) -> tuple[float, float]:
+    """``run()``'s requests/s, and the server's CPU microseconds per request during it."""
+    before = process_cpu(proc.pid)
+    start = time.perf_counter()
+    rate = run()
+    cpu = process_cpu(proc.pid) - before
+    return rate, cpu / (rate * (time.perf_counter() - start)) * 1e6
 
 
 def http_latencies(port: int, path: str) -> list[float]:
@@ -267,31 +322,42 @@ def main() -> None:
         procs = []
         try:
             empty, empty_port = helper(EMPTY_SERVER)
+            aio, aio_port = helper(AIO_EMPTY_SERVER)
+            no_model, no_model_port = start_no_model_server(base)
             http, http_port = helper(EMPTY_HTTP_SERVER)
             rest_port = free_port()
             served, port = start_server(base, f"--rest_api_port={rest_port}")
             batched, batched_port = start_server(
                 base, "--enable_batching", f"--batching_parameters_file={params}"
             )
-            procs = [empty, http, served, batched]
+            procs = [empty, aio, no_model, http, served, batched]
             rest_path = "/v1/models/m:predict"
             lat: dict[str, list[float]] = {
                 k: [] for k in ("inproc", "empty", "grpc", "http", "rest")
             }
             tp: dict[str, list[float]] = {
-                k: [] for k in ("empty", "plain", "batched", "http", "rest")
+                k: [] for k in ("empty", "aio", "no_model", "plain", "batched", "http", "rest")
             }
+            cpu_us: dict[str, list[float]] = {k: [] for k in tp}
             for _ in range(ROUNDS):
                 lat["inproc"] += in_process(base / "1", x)
                 lat["empty"] += latencies(empty_port, EMPTY_METHOD, payload)
                 lat["grpc"] += latencies(port, PREDICT, payload)
                 lat["http"] += http_latencies(http_port, rest_path)
                 lat["rest"] += http_latencies(rest_port, rest_path)
-                tp["empty"].append(throughput(empty_port, EMPTY_METHOD, payload))
-                tp["plain"].append(throughput(port, PREDICT, payload))
-                tp["batched"].append(throughput(batched_port, PREDICT, payload))
-                tp["http"].append(http_throughput(http_port, rest_path))
-                tp["rest"].append(http_throughput(rest_port, rest_path))
+                runs = {
+                    "empty": (empty, lambda: throughput(empty_port, EMPTY_METHOD, payload)),
+                    "aio": (aio, lambda: throughput(aio_port, EMPTY_METHOD, payload)),
+                    "no_model": (no_model, lambda: throughput(no_model_port, PREDICT, payload)),
+                    "plain": (served, lambda: throughput(port, PREDICT, payload)),
+                    "batched": (batched, lambda: throughput(batched_port, PREDICT, payload)),
+                    "http": (http, lambda: http_throughput(http_port, rest_path)),
+                    "rest": (served, lambda: http_throughput(rest_port, rest_path)),
+                }
+                for key, (proc, run) in runs.items():
+                    rate, cost = server_cost(proc, run)
+                    tp[key].append(rate)
+                    cpu_us[key].append(cost)
             swaps = [time_to_available(base, source, port, v) for v in (2, 3, 4)]
         finally:
             for proc in procs:
@@ -309,6 +375,9 @@ def main() -> None:
 
     def rates(key: str) -> str:
         return ", ".join(f"{r:.0f}" for r in tp[key])
+
+    def cpu(key: str) -> str:
+        return f"{median(cpu_us[key]):.0f}"
 
     body = f"""
 Model: a 2-input SavedModel (tests/servables.py), batch 1. {ROUNDS} rounds; in each, every path
@@ -328,14 +397,26 @@ within each round, then the median.
 (ratio {p50["grpc"] / budget:.2f}, goal ≤ 1.00).** REST: {p50["rest"]:.3f} ms vs
 {rest_budget:.3f} ms (ratio {p50["rest"] / rest_budget:.2f}).
 
-| throughput, {CONCURRENCY} clients | requests/s (each round) | vs empty (median) |
-|---|---|---|
-| empty gRPC round trip | {rates("empty")} | 1.00 |
-| Predict, no batching | {rates("plain")} | {ratio("plain", "empty"):.2f} |
+| throughput, {CONCURRENCY} clients | requests/s (each round) | vs empty (median) | \
+server CPU µs/request |
+|---|---|---|---|
+| empty gRPC round trip | {rates("empty")} | 1.00 | {cpu("empty")} |
+| empty grpc.aio server (the serving core's framework) | {rates("aio")} | \
+{ratio("aio", "empty"):.2f} | {cpu("aio")} |
+| Predict with the model call taken out, no batching | {rates("no_model")} | \
+{ratio("no_model", "empty"):.2f} | {cpu("no_model")} |
+| Predict, no batching | {rates("plain")} | {ratio("plain", "empty"):.2f} | {cpu("plain")} |
 | Predict, --enable_batching (max 32, 2 ms) | {rates("batched")} | \
-**{ratio("batched", "empty"):.2f}** (goal ≥ 0.8) |
-| empty HTTP round trip | {rates("http")} | 1.00 |
-| REST :predict, no batching | {rates("rest")} | {ratio("rest", "http"):.2f} |
+**{ratio("batched", "empty"):.2f}** (goal ≥ 0.8) | {cpu("batched")} |
+| empty HTTP round trip | {rates("http")} | 1.00 | {cpu("http")} |
+| REST :predict, no batching | {rates("rest")} | {ratio("rest", "http"):.2f} | {cpu("rest")} |
+
+Where the time goes (median server CPU per request, all of the server's threads): the empty
+Python gRPC server {cpu("empty")} µs; grpc.aio with an empty coroutine {cpu("aio")} µs; every
+step of a Predict but the model call {cpu("no_model")} µs; with the model, unbatched
+{cpu("plain")} µs, batched {cpu("batched")} µs. For 0.8x a batched Predict may cost
+{median(cpu_us["empty"]) / 0.8:.0f} µs. The server's Python is one thread holding the GIL
+(`bench/profile_server.py --gil`), so every µs above the framework's is throughput lost.
 
 New version directory → AVAILABLE (1 s poll, median of 3): **{median(swaps):.2f} s**
 (each: {", ".join(f"{s:.2f}" for s in swaps)}).
