@@ -32,6 +32,7 @@ ANOMALY_KINDS = (
     "nan_inf",
     "out_of_range",
     "unseen_category",
+    "identifier",
     "unseen_label",
     "missing_label",
     "missing_values",
@@ -270,7 +271,8 @@ class ExportConfig:
     # that export into one store without seeing each other's versions).
     version_scheme: str = "sequence"
     # Export refuses a model that does not beat the trivial baseline (majority class, or the
-    # train mean) on the test split; true publishes it anyway (recorded in the model card).
+    # train mean) on the test split (a binary one passes on an AUC surely above 0.5, see
+    # evaluate.judge_against_baselines); true publishes it anyway (recorded in the model card).
     allow_below_baseline: bool = False
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ from pipeline.statistics import make_edges
 
 SCHEMA_VERSION = 1
 MAX_VOCABULARY = 1000
+MIN_IDENTIFIER_ROWS = 20  # fewer distinct values prove nothing
 
 
 @dataclass
@@ -200,8 +201,20 @@ def validate(
                     actual=fstats["shape"],
                 )
         elif kind == "string":
+            counts_of = fstats["values"]
+            if len(counts_of) >= MIN_IDENTIFIER_ROWS and max(counts_of.values()) == 1:
+                add(
+                    "identifier",
+                    name,
+                    f"each of its {len(counts_of)} values is in one row only (e.g. "
+                    f"{sorted(counts_of)[:3]}): it identifies rows and cannot generalize, the "
+                    "model leaves values seen once in training out; set "
+                    f"data.key_column={name!r} to keep it as the example's key instead",
+                    distinct=len(counts_of),
+                )
+                continue  # an id's values are new in every ingest: no unseen_category for it
             vocab = set(entry["vocabulary"])
-            unseen = {k: c for k, c in fstats["values"].items() if k not in vocab}
+            unseen = {k: c for k, c in counts_of.items() if k not in vocab}
             if unseen:
                 add(
                     "unseen_category",

@@ -297,6 +297,15 @@ def make_dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
+def as_text(values: np.ndarray) -> np.ndarray:
+    """A string feature (bytes, as TensorFlow gives them) as numpy text, decoded as UTF-8:
+    numpy's ``astype(str)`` reads bytes as ASCII and fails on "Zürich"."""
+    flat = [
+        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.ravel()
+    ]
+    return np.array(flat, dtype=str).reshape(values.shape)
+
+
 def to_numpy(ds: tf.data.Dataset) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Materialize a (small) dataset: for evaluation and export checks."""
     xs: dict[str, list[np.ndarray]] = {}

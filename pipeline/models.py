@@ -19,6 +19,9 @@ from pipeline.config import Config, ModelConfig
 from pipeline.datasets import DataSpec, input_name
 
 MAX_ONE_HOT = 64  # larger vocabularies use an embedding
+# A string value seen fewer times in the train split is out of vocabulary: a value met once (a
+# row's id, free text) lets the model memorize that row and says nothing about any other.
+MIN_VALUE_COUNT = 2
 
 
 def model_kind(spec: DataSpec, cfg: ModelConfig) -> str:
@@ -171,7 +174,8 @@ def _mlp(hp: kt.HyperParameters, spec: DataSpec) -> tuple[dict[str, Any], Any]:
             parts.append(x)
         elif kind == "string":
             inp = keras.Input(shape=(), dtype="string", name=key)
-            vocab = sorted(stats["values"]) or [""]
+            values = stats["values"]
+            vocab = sorted(v for v, n in values.items() if n >= MIN_VALUE_COUNT) or [""]
             if len(vocab) <= MAX_ONE_HOT:
                 x = keras.layers.StringLookup(vocabulary=vocab, output_mode="one_hot")(inp)
             else:

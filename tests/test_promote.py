@@ -590,3 +590,18 @@ def test_a_one_class_retrain_fails_on_the_frozen_evaluation_set(env, capsys):
     data.write_bytes(data.read_bytes() + b"\0")
     assert main(["shapes", "2", *base, *APPROVE]) == 1
     assert "frozen evaluation set was changed" in capsys.readouterr().err
+
+
+def test_a_frozen_evaluation_set_keeps_utf8_text_as_its_bytes(tmp_path):
+    """String inputs (bytes, as the test split gives them) and class names outside ASCII are
+    frozen and read back unchanged."""
+    from serving.promote.evaluation import EvalData, freeze_eval_data, frozen_eval_data
+
+    cities = np.array(["Zürich".encode(), "東京".encode(), b"plain"], dtype=object)
+    data = EvalData({"city": cities}, np.array(["oui", "non", "peut-être"]), "multiclass", "x")
+    data.freeze_from = str(tmp_path / "run-1")
+    freeze_eval_data(tmp_path, "m", data)
+    back = frozen_eval_data(tmp_path, "m")
+    assert back is not None
+    assert back.inputs["city"].tolist() == cities.tolist()
+    assert back.labels.tolist() == ["oui", "non", "peut-être"]

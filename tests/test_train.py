@@ -585,3 +585,64 @@ def test_export_refuses_a_model_that_does_not_beat_the_trivial_baseline(tmp_path
     assert not list((tmp_path / "models").rglob("saved_model.pb"))
     forced = config(tmp_path, f'data.source="{path}"', "export.allow_below_baseline=true")
     assert (export(forced) / "saved_model.pb").exists()
+
+
+def test_an_id_column_is_not_memorized_and_text_is_utf8(tmp_path):
+    """A CSV as users have them: a customer id unique per row and a city in non-ASCII text.
+    Ingest warns that the id identifies rows, the model leaves values seen once out of its
+    vocabulary (every id answers alike), and evaluation's baselines read the UTF-8 text."""
+    rng = np.random.default_rng(4)
+    cities = ["Zürich", "São Paulo", "東京", "New York"]
+    rows = [
+        [f"C{i:05d}", x1, x2, c, rng.choice(cities), label]
+        for i, (x1, x2, c, label) in enumerate(tabular_rows(300, seed=5))
+    ]
+    path = write_csv(
+        tmp_path / "c.csv", ["customer id", "x1", "x2", "color", "city", "label"], rows
+    )
+    cfg = config(tmp_path, f'data.source="{path}"', "train.epochs=10")
+    result = ingest(cfg)
+    report = json.loads((result.run_dir / "anomalies.json").read_text())
+    flagged = {a["feature"] for a in report["anomalies"] if a["kind"] == "identifier"}
+    assert flagged == {"customer id"}, report
+    train(cfg)
+    m = evaluate(cfg)
+    assert m["beats_trivial"], m
+    assert "linear" in m["baselines"] and "accuracy" in m["baselines"]["linear"], m["baselines"]
+    model = keras.models.load_model(_run_dir(cfg) / "model.keras")
+
+    ids = [f"C{i:05d}" for i in range(300)] + ["never seen"]
+    same_row = {"x1": 0.3, "x2": -0.1, "color": "red", "city": "Zürich"}
+    batch = {k: np.array([v] * len(ids)) for k, v in same_row.items()}
+    answers = model({**batch, "customer_id": np.array(ids)}).numpy()
+    assert np.ptp(answers, axis=0).max() < 1e-6, np.unique(answers)  # float rounding only
+
+
+def _judged(task, accuracy, auc, confusion):
+    from pipeline.evaluate import judge_against_baselines
+
+    metrics = {
+        "task": task,
+        "accuracy": accuracy,
+        "auc": auc,
+        "confusion_matrix": confusion,
+        "baselines": {"trivial": {"rule": "always 'no' (the train majority)", "accuracy": 0.75}},
+        "diagnosis": {"verdict": "good fit", "reason": "train and validation losses are close"},
+    }
+    judge_against_baselines(metrics)
+    return metrics
+
+
+def test_a_binary_model_below_the_majority_accuracy_passes_on_a_sure_auc():
+    """On imbalanced data the F1 threshold costs accuracy against "always no", which cannot
+    rank at all: a binary model passes when its AUC is surely above 0.5, not by luck."""
+    churn = _judged("binary", 0.726, 0.735, [[170, 48], [32, 42]])  # 292 test rows
+    assert churn["beats_trivial"] and 0.65 < churn["auc_lower_bound"] < 0.7, churn
+    assert "ranks above chance" in churn["diagnosis"]["reason"]
+    lucky = _judged("binary", 0.70, 0.60, [[40, 5], [10, 5]])  # 60 rows: 0.6 is within noise
+    assert not lucky["beats_trivial"] and lucky["auc_lower_bound"] < 0.5, lucky
+    assert "not surely above chance" in lucky["diagnosis"]["reason"]
+    assert lucky["diagnosis"]["verdict"] == "worse than baseline"
+    # Multiclass keeps the plain accuracy comparison (argmax against the majority's argmax).
+    assert not _judged("multiclass", 0.70, 0.9, [[40, 5], [10, 5]])["beats_trivial"]
+    assert _judged("binary", 0.80, 0.55, [[40, 5], [10, 5]])["beats_trivial"]

@@ -110,12 +110,17 @@ def freeze_eval_data(prod: Path, model: str, data: EvalData) -> Path:
     import hashlib
     import io
 
+    from pipeline.datasets import as_text
+
     folder = _evalset_dir(prod, model) / "v1"
     if folder.exists():
         return folder
     buffer = io.BytesIO()
-    arrays = {f"x/{k}": (v.astype(str) if v.dtype == object else v) for k, v in data.inputs.items()}
-    labels = data.labels.astype(str) if data.labels.dtype == object else data.labels
+    # String inputs are kept as the bytes the model was fed (no pickled objects in the file).
+    arrays = {
+        f"x/{k}": (v.astype(bytes) if v.dtype == object else v) for k, v in data.inputs.items()
+    }
+    labels = as_text(data.labels) if data.labels.dtype == object else data.labels
     np.savez_compressed(buffer, labels=labels, **arrays)  # type: ignore[arg-type]
     raw = buffer.getvalue()
     tmp = folder.with_name(f".v1-{os.getpid()}")
@@ -136,11 +141,13 @@ def freeze_eval_data(prod: Path, model: str, data: EvalData) -> Path:
 
 def class_recalls(version_dir: Path, data: EvalData) -> dict[str, float]:
     """Recall of every class present in the evaluation data (0 for classes the model lacks)."""
+    from pipeline.datasets import as_text
+
     if data.task == "regression":
         return {}
     out = predict_local(version_dir, data.inputs)
     predicted = np.array([c.decode() if isinstance(c, bytes) else str(c) for c in out["classes"]])
-    truth = data.labels.astype(str)
+    truth = as_text(data.labels)
     return {str(c): float((predicted[truth == c] == c).mean()) for c in sorted(set(truth.tolist()))}
 
 
