@@ -92,6 +92,11 @@ NAMES = {
 }
 
 
+def type_name(code: int) -> str:
+    """TensorFlow's DataTypeString: "float", "int64", "string"..."""
+    return NAMES.get(code, str(code)).removeprefix("DT_").lower()
+
+
 def dtype_code(dtype: Any) -> int:
     """The TensorFlow DataType code of a numpy dtype (strings/bytes/objects → DT_STRING)."""
     dt = np.dtype(dtype)

@@ -205,7 +205,7 @@ def test_rest_errors(serve, two_versions):
     server = serve("--model_name", "tiny", "--model_base_path", str(two_versions))
     c = Client(server)
     cases = [
-        ("/v1/models/tiny:predict", {"instances": [["a", "b"]]}, 400, "expected a number"),
+        ("/v1/models/tiny:predict", {"instances": [["a", "b"]]}, 400, "is not of expected type"),
         ("/v1/models/tiny:predict", {"nothing": 1}, 400, "Missing 'inputs' or 'instances' key"),
         ("/v1/models/tiny:predict", b"{not json", 400, "JSON Parse error"),
         ("/v1/models/nope:predict", {"instances": [[1, 2]]}, 404, "Latest(nope)"),
@@ -226,6 +226,49 @@ def test_rest_errors(serve, two_versions):
     for path, body, status, message in cases:
         code, reply = c.http(path, body)
         assert (code, message in reply["error"]) == (status, True), (path, reply)
+
+
+def test_rest_json_values_follow_json_tensor_rules(serve, two_versions):
+    """What json_tensor.cc takes and its exact texts: a float is no int32, ragged rows are
+    named by element, the columnar object ignores keys the signature lacks."""
+    c = Client(serve("--model_name", "tiny", "--model_base_path", str(two_versions)))
+    predict = "/v1/models/tiny:predict"
+    element = "Failed to process element: {} of 'instances' list. Error: INVALID_ARGUMENT: "
+    cases = [
+        (
+            {"instances": [["a", "b"]]},
+            element.format(0) + 'JSON Value: "a" Type: String is not of expected type: float',
+        ),
+        (
+            {"signature_name": "spin", "instances": [1.5]},
+            element.format(0) + "JSON Value: 1.5 Type: Number is not of expected type: int32",
+        ),
+        ({"instances": [[1, 2], [3]]}, element.format(1) + "Expecting tensor size: 2 but got: 1"),
+        (
+            {"instances": [[[1], 2]]},  # json_tensor.cc says level + 1 for the level found
+            element.format(0) + "JSON Value: 2 found at incorrect level: 2 in the JSON DOM. "
+            "Expected at level: 2",
+        ),
+        (
+            {"instances": [[1, [2]]]},
+            element.format(0) + "Encountered list at unexpected level: 1 expected < 1",
+        ),
+        ({"inputs": {"y": [[1, 1]]}}, "Missing named input: x in 'inputs' object."),
+        (
+            {"inputs": [[1, 1]], "instances": [[1, 1]]},
+            'JSON Value: {\n    "inputs": [[1, 1]],\n    "instances": [[1, 1]]\n} Not formatted '
+            "correctly expecting only one of 'inputs' or 'instances' keys to exist ",
+        ),
+    ]
+    for body, message in cases:
+        assert c.http(predict, body) == (400, {"error": message}), body
+    code, reply = c.http(predict, {"inputs": {"x": [[1, 1]], "not_an_input": 5}})
+    assert code == 200 and reply["outputs"]["y"] == [[4.0, 4.0]]
+    deep: list = [1.0]
+    for _ in range(100):  # more dimensions than a tensor may have: no 500, no crash
+        deep = [deep]
+    code, reply = c.http(predict, {"instances": deep})
+    assert code == 400 and reply["error"].startswith("tensor parsing error: x ("), reply
 
 
 def test_grpc_input_errors_and_server_survives(serve, two_versions):

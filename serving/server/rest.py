@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import math
 import re
 import socket
 import urllib.parse
@@ -82,52 +83,177 @@ def model_spec(name: str, version: str | None, label: str | None) -> Any:
     return spec
 
 
-def _decode_value(value: Any, dtype: int, where: str) -> Any:
+class _JsonError(Exception):
+    """A json_tensor.cc status inside a request: its code and text."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def status_text(self) -> str:
+        """``Status::ToString()``, as TF Serving quotes an inner error."""
+        return f"{self.code.name}: {self.message}"
+
+    def serving_error(self) -> ServingError:
+        return ServingError(self.code, self.message)
+
+
+# AddValueToTensor: which JSON values each dtype takes (rapidjson's IsNumber, IsInt, ...), and
+# the integer range of those that take integers only.
+_INT_RANGES = {
+    codec.DT_INT32: (-(2**31), 2**31 - 1),
+    codec.DT_INT16: (-(2**31), 2**31 - 1),
+    codec.DT_INT8: (-(2**31), 2**31 - 1),
+    codec.DT_UINT8: (-(2**31), 2**31 - 1),
+    codec.DT_INT64: (-(2**63), 2**63 - 1),
+    codec.DT_UINT32: (0, 2**32 - 1),
+    codec.DT_UINT64: (0, 2**64 - 1),
+}
+
+
+def _json_type(value: Any) -> str:
+    """json_tensor.cc's JsonTypeString."""
+    if value is None:
+        return "Null"
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, dict):
+        return "Object"
     if isinstance(value, list):
-        return [_decode_value(v, dtype, where) for v in value]
+        return "Array"
+    return "String" if isinstance(value, str) else "Number"
+
+
+def _type_error(value: Any, dtype: int) -> _JsonError:
+    return _JsonError(
+        f"JSON Value: {_debug(value)} Type: {_json_type(value)} is not of expected type: "
+        f"{codec.type_name(dtype)}"
+    )
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
+
+
+def _b64_decode(value: Any) -> bytes:
+    if not _is_b64(value):
+        raise _JsonError(f"JSON Value: {_debug(value)} not formatted correctly for base64 data")
+    try:
+        return base64.b64decode(value["b64"], validate=True)
+    except ValueError:
+        raise _JsonError("Unable to base64 decode") from None
+
+
+def _scalar(value: Any, dtype: int) -> Any:
+    """One JSON value as a value of ``dtype`` (AddValueToTensor), or the error TF Serving's."""
     if dtype == codec.DT_STRING:
         if isinstance(value, dict):
-            if set(value) != {"b64"} or not isinstance(value["b64"], str):
-                raise invalid(f'{where}: a binary value must be {{"b64": "..."}}')
-            try:
-                return base64.b64decode(value["b64"], validate=True)
-            except ValueError as e:
-                raise invalid(f"{where}: invalid base64: {e}") from e
+            return _b64_decode(value)
         if isinstance(value, str):
             return value.encode()
-        raise invalid(f"{where}: expected a string, got {json.dumps(value)[:50]}")
-    if isinstance(value, bool) and dtype != codec.DT_BOOL:
-        raise invalid(f"{where}: expected a number, got {value}")
-    if isinstance(value, int | float):
+        raise _type_error(value, dtype)
+    if isinstance(value, dict):
+        raise _type_error(value, dtype)
+    if dtype in (codec.DT_FLOAT, codec.DT_DOUBLE):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        raise _type_error(value, dtype)
+    if dtype == codec.DT_BOOL:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(value, dtype)
+    bounds = _INT_RANGES.get(dtype)
+    if bounds is None:
+        raise _JsonError(
+            f"Conversion of JSON Value: {_debug(value)} to type: {codec.type_name(dtype)}",
+            grpc.StatusCode.UNIMPLEMENTED,
+        )
+    if isinstance(value, int) and not isinstance(value, bool) and bounds[0] <= value <= bounds[1]:
         return value
-    raise invalid(f"{where}: expected a number, got {json.dumps(value)[:50]}")
+    raise _type_error(value, dtype)
 
 
-def _to_array(value: Any, dtype: int, where: str) -> np.ndarray:
-    decoded = _decode_value(value, dtype, where)
+def _dense_shape(value: Any) -> list[int]:
+    """GetDenseTensorShape: the sizes along the first element of each level."""
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return shape
+
+
+def _fill(value: Any, level: int, dtype: int, shape: list[int], out: list[Any]) -> None:
+    """FillTensorProto: every leaf at the shape's depth, every list of its level's size."""
+    rank = len(shape)
+    if not isinstance(value, list):
+        if level != rank:
+            raise _JsonError(
+                f"JSON Value: {_debug(value)} found at incorrect level: {level + 1} in the "
+                f"JSON DOM. Expected at level: {rank}"
+            )
+        out.append(_scalar(value, dtype))
+        return
+    if level >= rank:
+        raise _JsonError(f"Encountered list at unexpected level: {level} expected < {rank}")
+    if len(value) != shape[level]:
+        raise _JsonError(
+            f"Encountered list at unexpected size: {len(value)} at level: {level} "
+            f"expected size: {shape[level]}"
+        )
+    for item in value:
+        _fill(item, level + 1, dtype, shape, out)
+
+
+def _array(name: str, values: list[Any], dtype: int, shape: list[int]) -> np.ndarray:
+    """The values of input ``name`` as its tensor; one TensorFlow could not build (too many
+    dimensions, an integer beyond any float) fails as ``Tensor::FromProto`` does."""
     try:
         if dtype == codec.DT_STRING:
-            arr = np.array(decoded, dtype=object)
-            if arr.dtype != object or (arr.ndim and any(isinstance(x, list) for x in arr.flat)):
-                raise ValueError("ragged")
-            return arr
-        return np.array(decoded, dtype=codec.numpy_dtype(dtype))
-    except (ValueError, OverflowError) as e:
-        raise invalid(
-            f"{where}: values do not form a tensor of {codec.NAMES.get(dtype, dtype)}: {e}"
-        ) from e
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = values
+            return arr.reshape(shape)
+        return np.array(values, dtype=codec.numpy_dtype(dtype)).reshape(shape)
+    except (OverflowError, ValueError) as e:
+        raise invalid(f"tensor parsing error: {name} ({e})") from e
+
+
+def _tensor(value: Any, dtype: int) -> tuple[list[Any], list[int]]:
+    shape = _dense_shape(value)
+    values: list[Any] = []
+    _fill(value, 0, dtype, shape, values)
+    return values, shape
+
+
+def _shape_text(shape: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
 
 
 def parse_predict(
     body: dict[str, Any], sig_inputs: dict[str, int]
 ) -> tuple[dict[str, np.ndarray], str]:
-    """JSON body → input arrays (typed by the signature) and the format ("row"/"columnar")."""
-    has_rows, has_cols = "instances" in body, "inputs" in body
-    if has_rows == has_cols:
+    """JSON body → input arrays (typed by the signature) and the format ("row"/"columnar"),
+    with json_tensor.cc's rules and messages (FillPredictRequestFromJson)."""
+    if not sig_inputs:
         raise invalid(
-            "Missing 'inputs' or 'instances' key"
-            if not has_rows
-            else "Not allowed to have both 'inputs' and 'instances' keys in the request"
+            f"Failed to get input map for signature: {body.get('signature_name') or 'DEFAULT'}"
+        )
+    try:
+        return _parse_predict(body, sig_inputs)
+    except RecursionError:  # lists nested about as deep as the JSON parser allows
+        raise invalid("JSON Parse error: the document is nested too deeply") from None
+
+
+def _parse_predict(
+    body: dict[str, Any], sig_inputs: dict[str, int]
+) -> tuple[dict[str, np.ndarray], str]:
+    has_rows, has_cols = "instances" in body, "inputs" in body
+    if has_rows and has_cols:
+        raise invalid(
+            f"JSON Value: {_debug(body)} Not formatted correctly expecting only one of "
+            "'inputs' or 'instances' keys to exist "
         )
     if has_rows:
         rows = body["instances"]
@@ -135,45 +261,150 @@ def parse_predict(
             raise invalid(f"JSON Value: {_debug(body)} Expecting 'instances' to be an list/array")
         if not rows:
             raise invalid(f"JSON Value: {_debug(body)} No values in 'instances' array")
-        if len(sig_inputs) == 1 and not all(
-            isinstance(r, dict) and set(r) == set(sig_inputs) for r in rows
-        ):
-            ((name, dtype),) = sig_inputs.items()
-            return {name: _to_array(rows, dtype, f"instances ({name})")}, "row"
-        out = {}
-        for name, dtype in sig_inputs.items():
-            values = []
-            for i, row in enumerate(rows):
-                if not isinstance(row, dict):
+        return _instances(rows, sig_inputs), "row"
+    if has_cols:
+        try:
+            return _inputs(body["inputs"], sig_inputs), "columnar"
+        except _JsonError as e:
+            raise e.serving_error() from None
+    raise invalid("Missing 'inputs' or 'instances' key")
+
+
+def _instances(rows: list[Any], sig_inputs: dict[str, int]) -> dict[str, np.ndarray]:
+    """FillTensorMapFromInstancesList: every row one example, objects (named inputs) or not."""
+    if not isinstance(rows[0], dict) and len(sig_inputs) > 1:
+        raise invalid(
+            "instances is a plain list, but expecting list of objects as multiple input tensors "
+            "required as per tensorinfo_map"
+        )
+    objects = isinstance(rows[0], dict) and not _is_b64(rows[0])
+    names = sorted(sig_inputs)
+    values: dict[str, list[Any]] = {}
+    shapes: dict[str, list[int]] = {}
+    sizes: dict[str, int] = {}
+
+    def add(item: Any, name: str) -> None:  # AddInstanceItem
+        if name not in sig_inputs:
+            raise _JsonError(f"JSON object: does not have named input: {name}")
+        row, shape = _tensor(item, sig_inputs[name])
+        if name not in sizes:
+            sizes[name], shapes[name] = len(row), shape
+        elif sizes[name] != len(row):
+            raise _JsonError(f"Expecting tensor size: {sizes[name]} but got: {len(row)}")
+        elif shapes[name] != shape:
+            raise _JsonError(
+                f"Expecting shape {_shape_text(shapes[name])} but got: {_shape_text(shape)}"
+            )
+        values.setdefault(name, []).extend(row)
+
+    for i, row in enumerate(rows):
+        element = isinstance(row, dict) and not _is_b64(row)
+        if objects:
+            if not element:
+                raise invalid(f"Expecting object but got list at item {i} of input list")
+            for name, item in row.items():
+                try:
+                    add(item, name)
+                except _JsonError as e:
                     raise invalid(
-                        f"instances[{i}]: expected an object with keys {sorted(sig_inputs)}"
-                    )
-                if name not in row:
-                    raise invalid(f"instances[{i}]: missing named input '{name}'")
-                values.append(row[name])
-            extra = set().union(*(set(r) for r in rows)) - set(sig_inputs)
-            if extra:
+                        f"Failed to process element: {i} key: {name} of 'instances' list. "
+                        f"Error: {e.status_text()}"
+                    ) from None
+            if set(row) != set(names):
                 raise invalid(
-                    f"instances: unknown inputs {sorted(extra)}; expected {sorted(sig_inputs)}"
+                    f"Failed to process element: {i} of 'instances' list. JSON object: "
+                    f"{_debug(row)} keys must be equal to: {','.join(names)}"
                 )
-            out[name] = _to_array(values, dtype, f"instances ({name})")
-        return out, "row"
-    cols = body["inputs"]
-    if len(sig_inputs) == 1 and not (isinstance(cols, dict) and set(cols) == set(sig_inputs)):
+        else:
+            if element:
+                raise invalid(f"Expecting value/list but got object at item {i} of input list")
+            try:
+                add(row, names[0])
+            except _JsonError as e:
+                raise invalid(
+                    f"Failed to process element: {i} of 'instances' list. Error: {e.status_text()}"
+                ) from None
+    return {
+        name: _array(name, values[name], sig_inputs[name], [len(rows), *shapes[name]])
+        for name in values
+    }
+
+
+def _inputs(cols: Any, sig_inputs: dict[str, int]) -> dict[str, np.ndarray]:
+    """FillTensorMapFromInputsMap: one value for a single input, else an object by name (other
+    keys are ignored, as there)."""
+    if not isinstance(cols, dict) or _is_b64(cols):
+        if len(sig_inputs) > 1:
+            raise _JsonError(
+                "inputs is a plain value/list, but expecting an object as multiple input "
+                "tensors required as per tensorinfo_map"
+            )
         ((name, dtype),) = sig_inputs.items()
-        return {name: _to_array(cols, dtype, f"inputs ({name})")}, "columnar"
-    if not isinstance(cols, dict):
-        raise invalid(f"'inputs' must be an object with keys {sorted(sig_inputs)}")
-    extra = set(cols) - set(sig_inputs)
-    if extra:
-        raise invalid(f"inputs: unknown inputs {sorted(extra)}; expected {sorted(sig_inputs)}")
-    return {k: _to_array(v, sig_inputs[k], f"inputs ({k})") for k, v in cols.items()}, "columnar"
+        return {name: _array(name, *_typed(cols, dtype))}
+    out = {}
+    for name in sorted(sig_inputs):
+        if name not in cols:
+            raise _JsonError(f"Missing named input: {name} in 'inputs' object.")
+        out[name] = _array(name, *_typed(cols[name], sig_inputs[name]))
+    return out
+
+
+def _typed(value: Any, dtype: int) -> tuple[list[Any], int, list[int]]:
+    values, shape = _tensor(value, dtype)
+    return values, dtype, shape
+
+
+DEBUG_STRING_BYTES = 256  # json_tensor.cc's kMaxJsonDebugStringBytes
 
 
 def _debug(value: Any) -> str:
-    """The JSON in an error message, as json_tensor.cc's JsonValueToDebugString (cut short)."""
-    text = json.dumps(value, indent=4)
-    return text if len(text) <= 1000 else text[:1000] + "..."
+    """The JSON in an error message as json_tensor.cc's JsonValueToDebugString writes it:
+    rapidjson's PrettyWriter (objects over lines, 4-space indent, arrays on one line), which
+    stops at the first token once 256 bytes are written."""
+    out: list[str] = []
+    size = 0
+
+    def put(text: str) -> bool:
+        nonlocal size
+        if size >= DEBUG_STRING_BYTES:
+            return False
+        out.append(text)
+        size += len(text.encode())
+        return True
+
+    def write(v: Any, indent: str, prefix: str = "") -> bool:
+        if isinstance(v, dict):
+            if not put(prefix + "{"):
+                return False
+            inner = indent + "    "
+            for i, (key, item) in enumerate(v.items()):
+                if not put(f"{',' if i else ''}\n{inner}{_json_text(key)}"):
+                    return False
+                if not write(item, inner, ": "):
+                    return False
+            return put(f"\n{indent}}}" if v else "}")
+        if isinstance(v, list):
+            if not put(prefix + "["):
+                return False
+            for i, item in enumerate(v):  # an array is a level of indentation too
+                if not write(item, indent + "    ", ", " if i else ""):
+                    return False
+            return put("]")
+        return put(prefix + _json_text(v))
+
+    write(value, "")
+    return "".join(out)
+
+
+def _json_text(v: Any) -> str:
+    """One JSON scalar as rapidjson writes it (shortest floats, exponents without + or 0s)."""
+    if isinstance(v, float) and math.isfinite(v):
+        text = repr(v)
+        if "e" in text:
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}e{int(exponent)}"
+        return text
+    return json.dumps(v, ensure_ascii=False)
 
 
 def _json_value(name: str, arr: np.ndarray) -> Any:
@@ -245,7 +476,10 @@ def _feature(value: Any, where: str) -> Any:
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         return tf.train.Feature(float_list=tf.train.FloatList(value=values))
     if all(isinstance(v, str | dict) for v in values):
-        raw = [_decode_value(v, codec.DT_STRING, where) for v in values]
+        try:
+            raw = [_scalar(v, codec.DT_STRING) for v in values]
+        except _JsonError as e:
+            raise invalid(f"{where}: {e.message}") from None
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=raw))
     raise invalid(f"{where}: a feature's values must all be numbers or all strings")
 

@@ -230,7 +230,7 @@ class Servable:
             if want != have:
                 # The TF runtime's text for a feed of the wrong type (Session::Run).
                 raise invalid(
-                    f"Expects arg[{i}] to be {_dtype_name(want)} but {_dtype_name(have)} "
+                    f"Expects arg[{i}] to be {codec.type_name(want)} but {codec.type_name(have)} "
                     "is provided"
                 )
         return feeds
@@ -490,10 +490,6 @@ def _read_meta_graph(path: Path, tags: Sequence[str]) -> Any:
         "}. To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
         "`saved_model_cli`",
     )
-
-
-def _dtype_name(code: int) -> str:
-    return codec.NAMES.get(code, str(code)).removeprefix("DT_").lower()
 
 
 def _shape(a: np.ndarray) -> str:
