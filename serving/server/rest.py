@@ -207,7 +207,7 @@ def _fill(value: Any, level: int, dtype: int, shape: list[int], out: list[Any]) 
         _fill(item, level + 1, dtype, shape, out)
 
 
-def _array(name: str, values: list[Any], dtype: int, shape: list[int]) -> np.ndarray:
+def _array(name: str, values: list[Any], shape: list[int], dtype: int) -> np.ndarray:
     """The values of input ``name`` as its tensor; one TensorFlow could not build (too many
     dimensions, an integer beyond any float) fails as ``Tensor::FromProto`` does."""
     try:
@@ -325,7 +325,7 @@ def _instances(rows: list[Any], sig_inputs: dict[str, int]) -> dict[str, np.ndar
                     f"Failed to process element: {i} of 'instances' list. Error: {e.status_text()}"
                 ) from None
     return {
-        name: _array(name, values[name], sig_inputs[name], [len(rows), *shapes[name]])
+        name: _array(name, values[name], [len(rows), *shapes[name]], sig_inputs[name])
         for name in values
     }
 
@@ -340,18 +340,13 @@ def _inputs(cols: Any, sig_inputs: dict[str, int]) -> dict[str, np.ndarray]:
                 "tensors required as per tensorinfo_map"
             )
         ((name, dtype),) = sig_inputs.items()
-        return {name: _array(name, *_typed(cols, dtype))}
+        return {name: _array(name, *_tensor(cols, dtype), dtype)}
     out = {}
     for name in sorted(sig_inputs):
         if name not in cols:
             raise _JsonError(f"Missing named input: {name} in 'inputs' object.")
-        out[name] = _array(name, *_typed(cols[name], sig_inputs[name]))
+        out[name] = _array(name, *_tensor(cols[name], sig_inputs[name]), sig_inputs[name])
     return out
-
-
-def _typed(value: Any, dtype: int) -> tuple[list[Any], int, list[int]]:
-    values, shape = _tensor(value, dtype)
-    return values, dtype, shape
 
 
 DEBUG_STRING_BYTES = 256  # json_tensor.cc's kMaxJsonDebugStringBytes
