@@ -174,8 +174,7 @@ def _mlp(hp: kt.HyperParameters, spec: DataSpec) -> tuple[dict[str, Any], Any]:
             parts.append(x)
         elif kind == "string":
             inp = keras.Input(shape=(), dtype="string", name=key)
-            values = stats["values"]
-            vocab = sorted(v for v, n in values.items() if n >= MIN_VALUE_COUNT) or [""]
+            vocab = sorted(v for v, n in stats["values"].items() if n >= MIN_VALUE_COUNT) or [""]
             if len(vocab) <= MAX_ONE_HOT:
                 x = keras.layers.StringLookup(vocabulary=vocab, output_mode="one_hot")(inp)
             else:

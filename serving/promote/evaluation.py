@@ -146,7 +146,7 @@ def class_recalls(version_dir: Path, data: EvalData) -> dict[str, float]:
     if data.task == "regression":
         return {}
     out = predict_local(version_dir, data.inputs)
-    predicted = np.array([c.decode() if isinstance(c, bytes) else str(c) for c in out["classes"]])
+    predicted = as_text(out["classes"])
     truth = as_text(data.labels)
     return {str(c): float((predicted[truth == c] == c).mean()) for c in sorted(set(truth.tolist()))}
 
@@ -181,6 +181,8 @@ def score(version_dir: Path, data: EvalData) -> dict[str, float]:
     """Metrics of one version on the evaluation data, computed now."""
     from sklearn.metrics import roc_auc_score
 
+    from pipeline.datasets import as_text
+
     out = predict_local(version_dir, data.inputs)
     if data.task == "regression":
         pred = out["predictions"].reshape(-1)
@@ -192,7 +194,7 @@ def score(version_dir: Path, data: EvalData) -> dict[str, float]:
             "r2": 1 - float((err**2).sum()) / ss_tot if ss_tot else 0.0,
         }
     classes = model_classes(version_dir)
-    predicted = np.array([c.decode() if isinstance(c, bytes) else str(c) for c in out["classes"]])
+    predicted = as_text(out["classes"])
     metrics = {"accuracy": float((predicted == data.labels).mean())}
     probs = out["probabilities"]
     truth = np.array([classes.index(c) if c in classes else -1 for c in data.labels])

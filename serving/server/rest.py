@@ -83,22 +83,6 @@ def model_spec(name: str, version: str | None, label: str | None) -> Any:
     return spec
 
 
-class _JsonError(Exception):
-    """A json_tensor.cc status inside a request: its code and text."""
-
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def status_text(self) -> str:
-        """``Status::ToString()``, as TF Serving quotes an inner error."""
-        return f"{self.code.name}: {self.message}"
-
-    def serving_error(self) -> ServingError:
-        return ServingError(self.code, self.message)
-
-
 # AddValueToTensor: which JSON values each dtype takes (rapidjson's IsNumber, IsInt, ...), and
 # the integer range of those that take integers only.
 _INT_RANGES = {
@@ -125,8 +109,8 @@ def _json_type(value: Any) -> str:
     return "String" if isinstance(value, str) else "Number"
 
 
-def _type_error(value: Any, dtype: int) -> _JsonError:
-    return _JsonError(
+def _type_error(value: Any, dtype: int) -> ServingError:
+    return invalid(
         f"JSON Value: {_debug(value)} Type: {_json_type(value)} is not of expected type: "
         f"{codec.type_name(dtype)}"
     )
@@ -138,11 +122,11 @@ def _is_b64(value: Any) -> bool:
 
 def _b64_decode(value: Any) -> bytes:
     if not _is_b64(value):
-        raise _JsonError(f"JSON Value: {_debug(value)} not formatted correctly for base64 data")
+        raise invalid(f"JSON Value: {_debug(value)} not formatted correctly for base64 data")
     try:
         return base64.b64decode(value["b64"], validate=True)
     except ValueError:
-        raise _JsonError("Unable to base64 decode") from None
+        raise invalid("Unable to base64 decode") from None
 
 
 def _scalar(value: Any, dtype: int) -> Any:
@@ -165,9 +149,9 @@ def _scalar(value: Any, dtype: int) -> Any:
         raise _type_error(value, dtype)
     bounds = _INT_RANGES.get(dtype)
     if bounds is None:
-        raise _JsonError(
-            f"Conversion of JSON Value: {_debug(value)} to type: {codec.type_name(dtype)}",
+        raise ServingError(
             grpc.StatusCode.UNIMPLEMENTED,
+            f"Conversion of JSON Value: {_debug(value)} to type: {codec.type_name(dtype)}",
         )
     if isinstance(value, int) and not isinstance(value, bool) and bounds[0] <= value <= bounds[1]:
         return value
@@ -190,16 +174,16 @@ def _fill(value: Any, level: int, dtype: int, shape: list[int], out: list[Any]) 
     rank = len(shape)
     if not isinstance(value, list):
         if level != rank:
-            raise _JsonError(
+            raise invalid(
                 f"JSON Value: {_debug(value)} found at incorrect level: {level + 1} in the "
                 f"JSON DOM. Expected at level: {rank}"
             )
         out.append(_scalar(value, dtype))
         return
     if level >= rank:
-        raise _JsonError(f"Encountered list at unexpected level: {level} expected < {rank}")
+        raise invalid(f"Encountered list at unexpected level: {level} expected < {rank}")
     if len(value) != shape[level]:
-        raise _JsonError(
+        raise invalid(
             f"Encountered list at unexpected size: {len(value)} at level: {level} "
             f"expected size: {shape[level]}"
         )
@@ -263,10 +247,7 @@ def _parse_predict(
             raise invalid(f"JSON Value: {_debug(body)} No values in 'instances' array")
         return _instances(rows, sig_inputs), "row"
     if has_cols:
-        try:
-            return _inputs(body["inputs"], sig_inputs), "columnar"
-        except _JsonError as e:
-            raise e.serving_error() from None
+        return _inputs(body["inputs"], sig_inputs), "columnar"
     raise invalid("Missing 'inputs' or 'instances' key")
 
 
@@ -285,14 +266,14 @@ def _instances(rows: list[Any], sig_inputs: dict[str, int]) -> dict[str, np.ndar
 
     def add(item: Any, name: str) -> None:  # AddInstanceItem
         if name not in sig_inputs:
-            raise _JsonError(f"JSON object: does not have named input: {name}")
+            raise invalid(f"JSON object: does not have named input: {name}")
         row, shape = _tensor(item, sig_inputs[name])
         if name not in sizes:
             sizes[name], shapes[name] = len(row), shape
         elif sizes[name] != len(row):
-            raise _JsonError(f"Expecting tensor size: {sizes[name]} but got: {len(row)}")
+            raise invalid(f"Expecting tensor size: {sizes[name]} but got: {len(row)}")
         elif shapes[name] != shape:
-            raise _JsonError(
+            raise invalid(
                 f"Expecting shape {_shape_text(shapes[name])} but got: {_shape_text(shape)}"
             )
         values.setdefault(name, []).extend(row)
@@ -305,10 +286,10 @@ def _instances(rows: list[Any], sig_inputs: dict[str, int]) -> dict[str, np.ndar
             for name, item in row.items():
                 try:
                     add(item, name)
-                except _JsonError as e:
+                except ServingError as e:
                     raise invalid(
                         f"Failed to process element: {i} key: {name} of 'instances' list. "
-                        f"Error: {e.status_text()}"
+                        f"Error: {e.code.name}: {e.message}"
                     ) from None
             if set(row) != set(names):
                 raise invalid(
@@ -320,9 +301,10 @@ def _instances(rows: list[Any], sig_inputs: dict[str, int]) -> dict[str, np.ndar
                 raise invalid(f"Expecting value/list but got object at item {i} of input list")
             try:
                 add(row, names[0])
-            except _JsonError as e:
+            except ServingError as e:
                 raise invalid(
-                    f"Failed to process element: {i} of 'instances' list. Error: {e.status_text()}"
+                    f"Failed to process element: {i} of 'instances' list. Error: "
+                    f"{e.code.name}: {e.message}"
                 ) from None
     return {
         name: _array(name, values[name], [len(rows), *shapes[name]], sig_inputs[name])
@@ -335,7 +317,7 @@ def _inputs(cols: Any, sig_inputs: dict[str, int]) -> dict[str, np.ndarray]:
     keys are ignored, as there)."""
     if not isinstance(cols, dict) or _is_b64(cols):
         if len(sig_inputs) > 1:
-            raise _JsonError(
+            raise invalid(
                 "inputs is a plain value/list, but expecting an object as multiple input "
                 "tensors required as per tensorinfo_map"
             )
@@ -344,7 +326,7 @@ def _inputs(cols: Any, sig_inputs: dict[str, int]) -> dict[str, np.ndarray]:
     out = {}
     for name in sorted(sig_inputs):
         if name not in cols:
-            raise _JsonError(f"Missing named input: {name} in 'inputs' object.")
+            raise invalid(f"Missing named input: {name} in 'inputs' object.")
         out[name] = _array(name, *_tensor(cols[name], sig_inputs[name]), sig_inputs[name])
     return out
 
@@ -473,7 +455,7 @@ def _feature(value: Any, where: str) -> Any:
     if all(isinstance(v, str | dict) for v in values):
         try:
             raw = [_scalar(v, codec.DT_STRING) for v in values]
-        except _JsonError as e:
+        except ServingError as e:
             raise invalid(f"{where}: {e.message}") from None
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=raw))
     raise invalid(f"{where}: a feature's values must all be numbers or all strings")
